@@ -1,0 +1,5 @@
+"""`python -m rafale ...`"""
+
+from rafale.cli import entry
+
+entry()

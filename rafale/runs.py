@@ -1,0 +1,154 @@
+"""Run directories: where a config's run lives, its status, and the resume-or-refuse decision.
+
+    $RAFALE_HOME/runs/<run.name>-<config hash>[-N]/
+        config.yaml      the resolved config
+        status.json      {"status": running|completed|failed, "pid", "host", "started", "ended", ...}
+        metrics.jsonl    one JSON object per logged step (Composer's metric names)
+        checkpoints/     Composer checkpoints; `latest-rank0.pt` links the newest complete one
+
+Same config + completed run -> refuse (FORCE=1 starts a fresh `-N` directory). Same config +
+interrupted or failed run -> resume it: Composer's autoresume loads `checkpoints/latest-rank0.pt`.
+"""
+
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+from rafale.errors import UserError
+from rafale.paths import runs_dir
+
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest-rank0.pt"
+_CKPT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
+
+
+def read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / STATUS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def write_status(run_dir: Path, **fields) -> None:
+    """Merges `fields` into status.json, atomically (a kill never leaves half a file)."""
+    status = read_status(run_dir) | fields
+    tmp = run_dir / f".{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps(status, indent=1))
+    os.replace(tmp, run_dir / STATUS_FILE)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def effective_status(status: dict) -> str:
+    """'running' is only true while its process lives; a killed run reads as 'interrupted'."""
+    state = status.get("status", "new")
+    if state == "running":
+        same_host = status.get("host") == socket.gethostname()
+        if same_host and not _process_alive(status.get("pid", -1)):
+            return "interrupted"
+    return state
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    link = run_dir / CHECKPOINTS / LATEST
+    return link.resolve() if link.exists() else None
+
+
+def discard_unfinished_checkpoints(run_dir: Path) -> list[Path]:
+    """Deletes checkpoint files newer than the one `latest` points to.
+
+    Composer writes a checkpoint file in place and moves the `latest` link only once the file is
+    complete, so a file past `latest` is one a kill interrupted: never trusted, and removed so
+    autoresume does not find it conflicting with the steps it is about to redo.
+    """
+    folder = run_dir / CHECKPOINTS
+    latest = latest_checkpoint(run_dir)
+    keep_upto = int(_CKPT_RE.match(latest.name).group(2)) if latest else -1
+    removed = []
+    for path in folder.glob("ep*-ba*-rank*.pt") if folder.is_dir() else []:
+        match = _CKPT_RE.match(path.name)
+        if match and int(match.group(2)) > keep_upto:
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def candidate_dirs(base: str) -> list[Path]:
+    """`base`, `base-2`, `base-3`, ... that exist, oldest first."""
+    root = runs_dir()
+    found = [(1, root / base)] if (root / base).is_dir() else []
+    for path in root.glob(f"{base}-*") if root.is_dir() else []:
+        suffix = path.name[len(base) + 1:]
+        if suffix.isdigit():
+            found.append((int(suffix), path))
+    return [p for _, p in sorted(found)]
+
+
+def choose_run_dir(base: str, force: bool) -> tuple[Path, str]:
+    """Returns (run_dir, why): a new directory, or the interrupted run to resume.
+
+    Raises UserError when the same config already completed (unless `force`) or is running now.
+    """
+    existing = candidate_dirs(base)
+    if existing:
+        last = existing[-1]
+        state = effective_status(read_status(last))
+        if state == "running":
+            raise UserError(f"run {last.name} is already running (pid {read_status(last).get('pid')}); "
+                            f"wait for it or stop it first")
+        if state in ("interrupted", "failed", "new"):
+            return last, f"resuming {state} run"
+        if state == "completed" and not force:
+            raise UserError(f"run {last.name} already completed with this config ({last}); "
+                            f"FORCE=1 trains again in a fresh run directory, or change the config")
+        n = 1 + max(int(p.name[len(base) + 1:]) if p.name != base else 1 for p in existing)
+        return runs_dir() / f"{base}-{n}", "new run (FORCE=1)"
+    return runs_dir() / base, "new run"
+
+
+def last_metrics(run_dir: Path) -> dict:
+    """The last line of metrics.jsonl that carries a training loss."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return {}
+    for line in reversed(path.read_text().splitlines()):
+        record = json.loads(line)
+        if "loss/train/total" in record:
+            return record
+    return {}
+
+
+def list_runs() -> list[dict]:
+    rows = []
+    root = runs_dir()
+    for run_dir in sorted(root.iterdir() if root.is_dir() else [], key=lambda p: p.stat().st_mtime):
+        if not (run_dir / "config.yaml").is_file():
+            continue
+        status = read_status(run_dir)
+        metrics = last_metrics(run_dir)
+        rows.append({"name": run_dir.name, "status": effective_status(status),
+                     "steps": metrics.get("step"), "loss": metrics.get("loss/train/total"),
+                     "path": str(run_dir)})
+    return rows
+
+
+def mark_started(run_dir: Path, config_hash: str) -> None:
+    write_status(run_dir, status="running", pid=os.getpid(), host=socket.gethostname(),
+                 config_hash=config_hash, started=time.strftime("%Y-%m-%dT%H:%M:%S"), ended=None)
+
+
+def mark_ended(run_dir: Path, state: str, **fields) -> None:
+    write_status(run_dir, status=state, ended=time.strftime("%Y-%m-%dT%H:%M:%S"), **fields)

@@ -1,0 +1,1 @@
+"""Models: presets (named shapes), the decoder, its Composer wrapper, HF weight-name maps."""

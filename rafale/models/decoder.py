@@ -1,0 +1,239 @@
+"""The decoder-only transformer, all of it in this file: config, attention with rotary and a KV cache,
+blocks, and the `Decoder` module that training (models/composer.py) and generation (generate.py) share.
+
+The style is GPT-NeoX / Pythia: LayerNorm, GELU MLP, partial rotary, fused per-head [q, k, v]
+projection, parallel residual, untied head. Parameter names map one to one onto transformers'
+`GPTNeoXForCausalLM` (see models/hf_maps.py), and the logits match it to float precision
+(test/test_models_parity.py).
+
+A Llama style is meant to be added as switches on `DecoderConfig`, not as a second copy of this file:
+the norm is built in `_norm`, the MLP in `MLP`, the q/k/v split in `Attention._split_qkv` (and the
+cache's head count); RMSNorm / SwiGLU / n_kv_heads / qkv bias each change one of them. Full rotary
+(rotary_pct=1.0) and tied embeddings are already switches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rafale.errors import UserError
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    max_seq_len: int
+    d_ff: int | None = None  # None: 4 * d_model
+    rotary_pct: float = 0.25  # fraction of each head's dims that get rotary (the first ones)
+    rope_theta: float = 10000.0
+    parallel_residual: bool = True  # x + attn(ln1(x)) + mlp(ln2(x)), as GPT-J / Pythia
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    head_dim: int = field(init=False)
+    rotary_dim: int = field(init=False)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise UserError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
+                            f"({self.n_heads})")
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise UserError(f"model.rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        self.head_dim = self.d_model // self.n_heads
+        # int() truncation as in transformers' GPTNeoXAttention.rotary_ndims.
+        self.rotary_dim = int(self.head_dim * self.rotary_pct)
+        if self.rotary_dim % 2:
+            raise UserError(f"rotary dims per head (head_dim {self.head_dim} x rotary_pct {self.rotary_pct}"
+                            f" = {self.rotary_dim}) must be even; change model.rotary_pct or model.n_heads")
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions, allocated once.
+
+    `pos` is the number of positions already written; the next forward writes at [pos, pos + T)
+    and takes its rotary positions from there.
+    """
+
+    def __init__(self, cfg: DecoderConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (batch_size, cfg.n_heads, self.max_len, cfg.head_dim)  # (B, nh, L, hs)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+def _norm(cfg: DecoderConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # The NeoX / HF convention: pairs are (i, i + rd/2), not adjacent dims as in the original RoFormer.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the first cos.shape[-1] dims of each head of x (B, nh, T, hs); cos/sin are (T, rd)."""
+    rd = cos.shape[-1]
+    if rd == 0:
+        return x
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def _split_qkv(self, qkv: torch.Tensor):
+        # GPT-NeoX layout: the fused output is per head [q_h, k_h, v_h], so HF's query_key_value weight
+        # loads as is. (B, T, 3C) -> (B, nh, T, 3hs) -> 3 x (B, nh, T, hs)
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, self.n_heads, 3 * self.head_dim).transpose(1, 2)
+        return qkv.chunk(3, dim=-1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C). With `kv` (this layer's cache buffers) the new keys/values are written at
+        [pos, pos + T) and attention runs over [0, pos + T). `mask` is None exactly when plain causal
+        masking is right: no prefix (pos == 0) or a single query that sees everything before it."""
+        B, T, C = x.shape
+        q, k, v = self._split_qkv(self.qkv(x))  # (B, nh, T, hs)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            k_buf, v_buf = kv
+            k_buf[:, :, pos:pos + T] = k
+            v_buf[:, :, pos:pos + T] = v
+            k, v = k_buf[:, :, :pos + T], v_buf[:, :, :pos + T]  # (B, nh, pos+T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Exact erf GELU: transformers' "gelu", which Pythia uses (not the tanh approximation).
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.parallel_residual = cfg.parallel_residual
+        self.norm1 = _norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, kv=None, pos=0, mask=None):
+        a = self.attn(self.norm1(x), cos, sin, kv, pos, mask)
+        if self.parallel_residual:
+            return x + a + self.mlp(self.norm2(x))
+        x = x + a
+        return x + self.mlp(self.norm2(x))
+
+
+class Decoder(nn.Module):
+    """Token ids (B, T) -> logits (B, T, vocab_size). One module with the blocks in `self.blocks`,
+    so Composer can FSDP-wrap it as a whole and each block inside it (`fsdp_wrap_fn`)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_in = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = _norm(cfg)
+        self.embed_out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # One tensor under both names, as transformers ties them (both keys stay in the state dict).
+            self.embed_out.weight = self.embed_in.weight
+        # Rotary tables for every position, in fp32 whatever the model dtype (as HF computes them);
+        # non-persistent: derived from the config, so they are not part of checkpoints.
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.rotary_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.rotary_dim), persistent=False)
+        self.apply(self.param_init_fn)
+
+    @torch.no_grad()
+    def param_init_fn(self, module: nn.Module) -> None:
+        """Initializes one module's own tensors. Composer calls it per module after FSDP meta init."""
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif module is self:
+            rd, theta = self.cfg.rotary_dim, self.cfg.rope_theta
+            inv_freq = 1.0 / theta ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd)  # (rd/2,)
+            freqs = torch.outer(torch.arange(self.cfg.max_seq_len, dtype=torch.float32), inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, rd)
+            self.rope_cos.copy_(emb.cos())
+            self.rope_sin.copy_(emb.sin())
+
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        # Composer's FSDP2 asks the ComposerModel's direct child (this module) which submodules to wrap.
+        return isinstance(module, Block)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, Block)
+
+    def forward_hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final-norm hidden states (B, T, C), before the head. With `cache`, the
+        tokens continue the cached prefix and the cache advances by T."""
+        B, T = input_ids.shape
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"{pos + T} positions exceed the model's max_seq_len ({self.cfg.max_seq_len})")
+        dtype = self.embed_in.weight.dtype
+        cos = self.rope_cos[pos:pos + T].to(dtype)  # (T, rd)
+        sin = self.rope_sin[pos:pos + T].to(dtype)
+        mask = None
+        if pos > 0 and T > 1:
+            # A chunk after a cached prefix: query i sits at position pos + i and sees keys 0..pos+i.
+            # (SDPA's is_causal aligns the triangle top-left, which is wrong once keys outnumber queries.)
+            keys = torch.arange(pos + T, device=input_ids.device)
+            mask = keys[None, :] <= (pos + torch.arange(T, device=input_ids.device))[:, None]  # (T, pos+T)
+        x = self.embed_in(input_ids)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = block(x, cos, sin, kv, pos, mask)
+        if cache is not None:
+            cache.pos += T
+        return self.norm_f(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., vocab_size)."""
+        return self.embed_out(h)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.head(self.forward_hidden(input_ids, cache))

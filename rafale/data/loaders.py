@@ -1,0 +1,36 @@
+"""Torch side of the data: a Dataset over cached blocks and the DataLoader Composer trains on."""
+
+import numpy as np
+import torch
+from composer.utils import dist
+from torch.utils.data import DataLoader, Dataset
+
+
+class BlockDataset(Dataset):
+    """Row i of a (n_blocks, T) array (usually a read-only memmap) as {"input_ids": LongTensor(T)}.
+
+    The model shifts input_ids for its next-token targets, so no labels are stored.
+    """
+
+    def __init__(self, blocks: np.ndarray):
+        assert blocks.ndim == 2, f"expected (n_blocks, seq_len), got shape {blocks.shape}"
+        self.blocks = blocks
+        self.max_seq_len = blocks.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        # astype copies the row out of the read-only memmap (torch refuses non-writable arrays).
+        return {"input_ids": torch.from_numpy(self.blocks[i].astype(np.int64))}
+
+
+def build_dataloader(blocks: np.ndarray, batch_size: int, shuffle: bool, seed: int,
+                     drop_last: bool) -> DataLoader:
+    """`batch_size` is per device. The sampler is Composer's DistributedSampler: each rank reads its
+    own shard, and Composer calls set_epoch on it every epoch and, when a run resumes, replays
+    it to the batch it stopped at, so the order depends only on the seed."""
+    dataset = BlockDataset(blocks)
+    sampler = dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=0, pin_memory=torch.cuda.is_available())

@@ -1,0 +1,204 @@
+"""The causal-LM datapipe: text files -> documents -> token ids -> one EOS-joined stream -> blocks.
+
+    files (a file, a list, or a directory: all files in it, sorted, recursively)
+      -> documents (a file is a document; `doc_separator` splits a file into several; each document
+         is stripped of surrounding whitespace and empty ones are dropped)
+      -> token ids (tokenizer.json, no special tokens added) with the EOS id after every document
+      -> one uint16 stream (uint32 when the vocabulary does not fit) -> (n_blocks, max_seq_len)
+      -> train / val: explicit val files, or the LAST `val_fraction` of the blocks
+
+Taking the last blocks as validation (as nanoGPT does for Tiny Shakespeare) keeps the held-out text
+contiguous, so it overlaps the training text at a single boundary only, and it needs no seed.
+Caching lives in cache.py; this module only computes. It imports no torch.
+"""
+
+import itertools
+import re
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from rafale.errors import UserError
+from rafale.paths import resolve_data_path
+
+PIPELINE = "causal_lm"
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]")
+
+# encode_batch parallelises over its inputs only, so one big document (Tiny Shakespeare is one
+# file) would run on a single thread: it is cut into pieces of about this many characters.
+# On 2 cores: 0.18 s for Tiny Shakespeare in 4 KB pieces, 0.9 s as one `encode` call; smaller
+# pieces gained nothing, 16 KB+ pieces were slower.
+PIECE_CHARS = 4096
+# Text handed to one encode_batch call: bounds the memory held by Encoding objects (each keeps
+# token strings and masks besides the ids) to a few hundred MB.
+BATCH_CHARS = 8 << 20
+
+# Safe cuts: (a) before a space that follows a non-space, (b) after a newline that has non-spaces on
+# both sides. With the GPT-2 and Llama-3 pre-tokenizer regexes (byte-level BPE: GPT-2, NeoX,
+# SmolLM2, Llama-3) both are pre-token boundaries AND the pre-token before the cut ends the same
+# way whether or not the text after it is there: no pattern extends a word, number or punctuation
+# run into a following space, and a lone "\n" between non-spaces is one pre-token either way.
+# Cuts anywhere else in whitespace are not safe: "a\n\nb" pre-tokenizes as a,\n,\n,b while a
+# piece ending in "a\n\n" gives a,\n\n (GPT-2's `\s+(?!\S)` looks ahead), and Llama-3's
+# ` ?[^\s\p{L}\p{N}]+[\r\n]*` glues "." to the newline after it. Python's `\s` covers every
+# Unicode White_Space character (plus \x1c-\x1f), so `\S` here is never whitespace to the tokenizer.
+SAFE_CUT = re.compile(r"\S(?= )|\S\n(?=\S)")
+
+# Text on which cutting at SAFE_CUT must not change the tokens (checked per tokenizer, see
+# `cutting_is_exact`): words, digits, punctuation, quotes and non-ASCII right after a cut.
+PROBE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n'Tis so.\n1984 was a year.\n"
+         "«Ça va?»\nÉcole\n  indented line\n\nAfter a blank line\n-- dash\n(paren)\nend. \n = Title = \n"
+         " \n It 's 12345 km ( 24 in ) .\tTab\n")
+
+
+def load_tokenizer(tokenizer_json: str) -> Tokenizer:
+    tok = Tokenizer.from_str(tokenizer_json)
+    # Some tokenizer.json files carry truncation/padding (bert-base-uncased: 128); here they would
+    # silently cut every piece of text, so both are switched off.
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def list_sources(spec: str | list[str], key: str) -> list[Path]:
+    """Config source(s) -> files in order: a list keeps its order, a directory is walked sorted."""
+    files = []
+    for item in [spec] if isinstance(spec, str) else spec:
+        path = resolve_data_path(item, key)
+        if path.is_file():
+            files.append(path)
+            continue
+        # Hidden files (.DS_Store, .gitkeep, editor swap files) are never corpus text.
+        found = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not found:
+            raise UserError(f"{key}: directory '{item}' ({path}) holds no files; put text files in it "
+                            f"or point {key} at files")
+        files += found
+    if not files:
+        raise UserError(f"{key}: no files given; set it to a file, a list of files or a directory")
+    return files
+
+
+def resolve_eos(tok: Tokenizer, eos_token: str | None, tokenizer_path: Path, key_prefix: str) -> tuple[str, int]:
+    candidates = [eos_token] if eos_token is not None else list(EOS_CANDIDATES)
+    for token in candidates:
+        if (token_id := tok.token_to_id(token)) is not None:
+            return token, token_id
+    special = sorted(t.content for t in tok.get_added_tokens_decoder().values() if t.special)
+    hint = f"its special tokens are {', '.join(special)}" if special else "it has no special tokens"
+    if eos_token is not None:
+        raise UserError(f"{key_prefix}.eos_token: '{eos_token}' is not a token of {tokenizer_path}; {hint}")
+    raise UserError(f"{key_prefix}.eos_token: {tokenizer_path} has none of {', '.join(EOS_CANDIDATES)}; "
+                    f"set {key_prefix}.eos_token to the token that ends a document ({hint})")
+
+
+def read_text(path: Path, key: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{key}: {path} is not UTF-8 text ({e}); convert it or leave it out") from None
+
+
+def split_documents(text: str, doc_separator: str | None) -> list[str]:
+    parts = text.split(doc_separator) if doc_separator else [text]
+    # TinyStories puts its separator on a line of its own: the newlines around it are not content.
+    return [doc for part in parts if (doc := part.strip())]
+
+
+def split_pieces(doc: str, size: int = PIECE_CHARS) -> list[str]:
+    """`doc` cut at the first SAFE_CUT point after every `size` characters; "".join(result) == doc."""
+    pieces, start = [], 0
+    while len(doc) - start > size and (m := SAFE_CUT.search(doc, start + size - 1)):
+        pieces.append(doc[start:m.end()])
+        start = m.end()
+    pieces.append(doc[start:])
+    return pieces
+
+
+def cutting_is_exact(tok: Tokenizer, sample: str) -> bool:
+    """Whether tokenizing pieces cut at every SAFE_CUT point gives the tokens of the whole text.
+
+    True for byte-level BPE (GPT-2, NeoX, Llama-3 style) and BERT; false when a tokenizer adds a
+    prefix space per input (ByteLevel add_prefix_space, SentencePiece's "▁") or strips its input.
+    Checked on PROBE plus a sample of the corpus rather than trusted from the tokenizer's type.
+    """
+    text = PROBE + sample
+    whole = tok.encode(text, add_special_tokens=False).ids
+    pieces = tok.encode_batch_fast(split_pieces(text, size=1), add_special_tokens=False)
+    return whole == [i for e in pieces for i in e.ids]
+
+
+def tokenize_files(paths: list[Path], tok: Tokenizer, eos_id: int, doc_separator: str | None,
+                   dtype: type, key: str) -> tuple[np.ndarray, int]:
+    """Every document's ids followed by `eos_id`, as one array. Returns (stream, n_documents)."""
+    arrays, batch, ends, n_chars, n_docs, cut = [], [], [], 0, 0, None
+
+    def flush():
+        # encode_batch_fast skips the character offsets that encode_batch computes and we never use.
+        encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
+        ids = itertools.chain.from_iterable(e.ids + [eos_id] if end else e.ids
+                                            for e, end in zip(encodings, ends))
+        arrays.append(np.fromiter(ids, dtype=dtype))
+        batch.clear()
+        ends.clear()
+
+    for path in paths:
+        for doc in split_documents(read_text(path, key), doc_separator):
+            if cut is None:
+                cut = cutting_is_exact(tok, doc[:PIECE_CHARS])
+            # A tokenizer that cutting would change still parallelises over documents, not within.
+            pieces = split_pieces(doc) if cut else [doc]
+            batch += pieces
+            ends += [False] * (len(pieces) - 1) + [True]
+            n_docs += 1
+            n_chars += len(doc)
+            if n_chars >= BATCH_CHARS:
+                flush()
+                n_chars = 0
+    if batch:
+        flush()
+    return (np.concatenate(arrays) if arrays else np.empty(0, dtype)), n_docs
+
+
+def to_blocks(stream: np.ndarray, max_seq_len: int) -> np.ndarray:
+    """(n_blocks, max_seq_len) view of the stream; the tail shorter than a block is dropped."""
+    n = len(stream) // max_seq_len
+    return stream[:n * max_seq_len].reshape(n, max_seq_len)
+
+
+def build_causal_lm(train_paths: list[Path], val_paths: list[Path], tok: Tokenizer, vocab_size: int,
+                    max_seq_len: int, val_fraction: float, doc_separator: str | None, eos_id: int,
+                    key_prefix: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Train and val blocks, and counts for meta.json. Raises UserError for corpora too small."""
+    # Ids go up to vocab_size - 1, so uint16 holds vocabularies of up to 65,536 tokens.
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    train_key = f"{key_prefix}.train"
+    stream, n_docs = tokenize_files(train_paths, tok, eos_id, doc_separator, dtype, train_key)
+    if n_docs == 0:
+        raise UserError(f"{train_key}: its {len(train_paths)} file(s) hold no text (empty or only "
+                        f"whitespace); point it at text files")
+    blocks = to_blocks(stream, max_seq_len)
+    n_tokens = len(stream)
+    if val_paths:
+        train, n_val = blocks, 0
+        val_key = f"{key_prefix}.val"
+        val_stream, n_val_docs = tokenize_files(val_paths, tok, eos_id, doc_separator, dtype, val_key)
+        val = to_blocks(val_stream, max_seq_len)
+        if len(val) == 0:
+            raise UserError(f"{val_key}: the validation text is {len(val_stream):,} tokens, less than one "
+                            f"block of {key_prefix}.max_seq_len={max_seq_len}; add text or lower "
+                            f"{key_prefix}.max_seq_len")
+        n_docs += n_val_docs
+        n_tokens += len(val_stream)
+    else:
+        n_val = max(1, round(len(blocks) * val_fraction)) if val_fraction > 0 else 0
+        train, val = blocks[:len(blocks) - n_val], blocks[len(blocks) - n_val:]
+    if len(train) == 0:
+        need = f"1 training block plus {n_val} validation block(s)" if n_val else "1 training block"
+        raise UserError(f"{train_key}: the corpus is {len(stream):,} tokens, fewer than {need} of "
+                        f"{key_prefix}.max_seq_len={max_seq_len} tokens; add text, lower "
+                        f"{key_prefix}.max_seq_len" + (f" or set {key_prefix}.val_fraction to 0" if n_val else ""))
+    stats = {"documents": n_docs, "tokens": n_tokens, "train_blocks": len(train), "val_blocks": len(val)}
+    return train, val, stats

@@ -19,6 +19,9 @@ from composer.utils import dist
 class JsonlLogger(LoggerDestination):
     """Appends `{"step": N, "<metric>": value, ...}` per step to a JSONL file (rank 0 only).
 
+    Step N is the N-th optimizer step (1-based, like checkpoint names: ba4 holds 4 steps), and an
+    eval after step N is logged with step N. Composer tags the training loss with the step count
+    before the update and callbacks' metrics with the count after it, so the step is tracked here.
     On resume the lines past the restored step are dropped first: those steps are trained again,
     and the file then reads exactly like an uninterrupted run's.
     """
@@ -26,11 +29,18 @@ class JsonlLogger(LoggerDestination):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.pending: dict[int, dict] = {}
+        self.step = 0
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self.step = int(state.timestamp.batch) + 1
+
+    def eval_start(self, state: State, logger: Logger) -> None:
+        self.step = int(state.timestamp.batch)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() != 0 or not self.path.exists():
             return
-        resumed_at = int(state.timestamp.batch)
+        resumed_at = self.step = int(state.timestamp.batch)
         kept = [line for line in self.path.read_text().splitlines()
                 if line and json.loads(line)["step"] <= resumed_at]
         tmp = self.path.with_suffix(".tmp")
@@ -38,7 +48,7 @@ class JsonlLogger(LoggerDestination):
         os.replace(tmp, self.path)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        record = self.pending.setdefault(int(step or 0), {})
+        record = self.pending.setdefault(self.step, {})
         for name, value in metrics.items():
             value = value.item() if hasattr(value, "item") else value
             if isinstance(value, (int, float)):

@@ -13,7 +13,7 @@ import sys
 
 from rafale.errors import UserError
 
-COMMANDS = ("train", "prepare", "debug", "generate", "runs")
+COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs")
 
 
 def _env_flag(name: str) -> bool:
@@ -35,16 +35,38 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
         return sp
 
-    with_config("train", "train a model (resumes an interrupted run of the same config)")
+    t = with_config("train", "train a model (resumes an interrupted run of the same config)")
+    launch = t.add_argument_group("launching several processes (Composer's launcher; see README)")
+    launch.add_argument("--nproc", type=int, default=1, help="processes on this node (default 1)")
+    launch.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
+    launch.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
+    launch.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
+    launch.add_argument("--master-port", type=int, default=None, help="a free TCP port on node 0")
     with_config("prepare", "build the tokenized data cache and exit (same as DATA=1 rafale train)")
     with_config("debug", "overfit one batch as a sanity check (same as DEBUG=1 rafale train)")
-    g = sub.add_parser("generate", help="greedy generation from a run's latest checkpoint",
-                       description="greedy generation from a run's latest checkpoint")
-    g.add_argument("--run", required=True, help="a run directory (see `rafale runs`)")
+    g = sub.add_parser("generate", help="greedy generation from a run's latest checkpoint or an HF model",
+                       description="greedy generation from a run's latest checkpoint or an HF model directory")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a run directory (see `rafale runs`)")
+    source.add_argument("--hf", help="an HF model directory (config.json, safetensors, tokenizer.json)")
     g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--json", action="store_true",
                    help='print {"prompt_ids": [...], "output_ids": [...], "text": "..."} (generated part only)')
+    e = sub.add_parser("export", help="write a run's latest checkpoint as an HF transformers model",
+                       description="write a run's latest checkpoint as an HF transformers model directory "
+                                   "(config.json, safetensors, tokenizer)")
+    e.add_argument("--run", required=True, help="a run directory (see `rafale runs`)")
+    e.add_argument("--to-hf", required=True, metavar="OUT_DIR", help="a new or empty directory")
+    e.add_argument("--max-shard-size", default="5GB",
+                   help="split the weights into files of at most this size (default 5GB)")
+    ev = sub.add_parser("eval", help="metrics of a run's latest checkpoint on its validation split",
+                        description="metrics of a run's latest checkpoint on its validation split (the "
+                                    "metrics/eval/* of metrics.jsonl), and for classifiers a confusion matrix")
+    ev.add_argument("--run", required=True, help="a run directory (see `rafale runs`)")
+    ev.add_argument("--json", action="store_true",
+                    help='print {"checkpoint", "step", "samples", "metrics": {...}, "confusion_matrix": '
+                         '{"labels", "matrix"}} (the last for classifiers)')
     sub.add_parser("runs", help="list runs: name, status, steps, last loss, path",
                    description="list runs: name, status, steps, last loss, path")
     return p
@@ -73,9 +95,38 @@ def _cmd_config(args, mode: str) -> int:
         return 0
     if mode == "debug":
         return 0 if train.debug_overfit(cfg) else 1
-    run_dir = train.train(cfg, force=_env_flag("FORCE"))
+    if (args.nproc > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
+        return _launch(args)
+    try:
+        run_dir = train.train(cfg, force=_env_flag("FORCE"))
+    except train.Diverged as e:
+        print(f"rafale: diverged: {e}", file=sys.stderr)
+        return 1
+    except train.Preempted as e:
+        from rafale.preemption import PREEMPTED_EXIT_CODE
+
+        print(f"rafale: preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     print(f"run complete: {run_dir}")
     return 0
+
+
+def _launch(args) -> int:
+    """Re-runs this same `train` command in nproc processes per node through Composer's launcher,
+    which sets RANK / WORLD_SIZE / MASTER_ADDR for torch.distributed. Returns its exit code (a
+    rank's non-zero code, e.g. 75 after preemption)."""
+    import subprocess
+
+    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise UserError(f"--nproc and --nnodes must be >= 1 and --node-rank in 0..nnodes-1, got "
+                        f"{args.nproc}, {args.nnodes}, {args.node_rank}")
+    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(args.nproc),
+           "--world_size", str(args.nproc * args.nnodes), "--node_rank", str(args.node_rank),
+           "--base_rank", str(args.node_rank * args.nproc), "--master_addr", args.master_addr]
+    if args.master_port is not None:
+        cmd += ["--master_port", str(args.master_port)]
+    cmd += ["-m", "rafale", "train", "-c", args.config, *args.overrides]
+    return subprocess.call(cmd)
 
 
 def _cmd_generate(args) -> int:
@@ -85,9 +136,9 @@ def _cmd_generate(args) -> int:
     import torch
 
     from rafale.generate import generate
-    from rafale.inference import load_run
+    from rafale.inference import load_hf, load_run
 
-    model, tokenizer, _ = load_run(args.run)
+    model, tokenizer = load_hf(args.hf) if args.hf is not None else load_run(args.run)[:2]
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     if not prompt_ids:
         raise UserError("--prompt is empty after tokenization; give some text")
@@ -98,6 +149,24 @@ def _cmd_generate(args) -> int:
         print(json.dumps({"prompt_ids": prompt_ids, "output_ids": output_ids, "text": text}))
     else:
         print(args.prompt + text)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from rafale.export import export_run, parse_size
+
+    max_shard_bytes = parse_size(args.max_shard_size)
+    _quiet_libraries()
+    print(f"exported: {export_run(args.run, args.to_hf, max_shard_bytes)}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    _quiet_libraries()
+    from rafale.evaluate import evaluate_run, format_report
+
+    result = evaluate_run(args.run)
+    print(json.dumps(result) if args.json else format_report(result))
     return 0
 
 
@@ -134,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_config(args, mode)
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_runs()
     except UserError as e:
         print(f"rafale: error: {e}", file=sys.stderr)

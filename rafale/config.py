@@ -33,7 +33,10 @@ class RunSection:
 
 @dataclass
 class ModelSection:
-    preset: str = "pythia-tiny"
+    preset: Optional[str] = "pythia-tiny"
+    # An HF model directory (config.json + safetensors) or a .safetensors file to start from. With a
+    # directory the architecture comes from its config.json and `preset` is ignored.
+    init_from: Optional[str] = None
     # Optional size overrides on top of the preset (None = the preset's value).
     n_layers: Optional[int] = None
     n_heads: Optional[int] = None
@@ -44,7 +47,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    pipeline: Literal["causal_lm"] = "causal_lm"
+    pipeline: Literal["causal_lm", "mlm", "classification"] = "causal_lm"
     train: Union[str, list[str]] = "tinyshakespeare/input.txt"
     val: Union[str, list[str], None] = None  # explicit val files; else val_fraction of the train blocks
     val_fraction: float = 0.05
@@ -52,22 +55,61 @@ class DataSection:
     max_seq_len: int = 256
     doc_separator: Optional[str] = None  # split files into documents at this string
     eos_token: Optional[str] = None  # appended after each document; default: the tokenizer's own
+    mlm_probability: float = 0.15  # mlm: share of tokens masked per block (80% [MASK], 10% random, 10% kept)
+    text_field: str = "text"  # classification: the column holding the text
+    text_pair_field: Optional[str] = None  # classification: a second text column (sentence pairs)
+    label_field: str = "label"  # classification: the column holding the label
+
+
+# The data keys that only some pipelines read: set for another pipeline, they would do nothing.
+PIPELINE_KEYS = {"doc_separator": ("causal_lm", "mlm"), "eos_token": ("causal_lm",), "mlm_probability": ("mlm",),
+                 "text_field": ("classification",), "text_pair_field": ("classification",),
+                 "label_field": ("classification",)}
+
+
+def _data_problems(d: DataSection) -> list[str]:
+    default = DataSection()
+    problems = [f"data.{key}: only the {' and '.join(pipelines)} pipeline{'s' if len(pipelines) > 1 else ''} "
+                f"read{'' if len(pipelines) > 1 else 's'} it, and data.pipeline is {d.pipeline}; remove it"
+                for key, pipelines in PIPELINE_KEYS.items()
+                if d.pipeline not in pipelines and getattr(d, key) != getattr(default, key)]
+    if not 0.0 < d.mlm_probability < 1.0:
+        problems.append(f"data.mlm_probability: must be in (0, 1), got {d.mlm_probability}")
+    if d.text_pair_field is not None and d.text_pair_field == d.text_field:
+        problems.append(f"data.text_pair_field: must name another column than data.text_field "
+                        f"('{d.text_field}')")
+    return problems
 
 
 @dataclass
 class OptimSection:
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "decoupled_adamw", "sgd", "lion"] = "adamw"
     lr: float = 6.0e-4
     weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw, decoupled_adamw, lion
     eps: float = 1.0e-8
+    momentum: float = 0.9  # sgd
+    # Parameter kinds that get no weight decay: any of norm, bias, embedding.
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias"])
 
 
 @dataclass
 class ScheduleSection:
-    name: Literal["cosine", "linear", "constant"] = "cosine"
+    name: Literal["cosine", "linear", "constant", "inverse_sqrt", "wsd"] = "cosine"
     warmup: str = "0.02dur"
-    min_lr_ratio: float = 0.1  # final lr / peak lr for cosine and linear
+    min_lr_ratio: float = 0.1  # final lr / peak lr for cosine, linear and wsd
+    decay: str = "0.2dur"  # wsd: length of the final decay phase
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # wsd: shape of that decay
+
+
+@dataclass
+class ParallelismSection:
+    strategy: Literal["none", "ddp", "fsdp", "hsdp"] = "none"
+    reshard_after_forward: bool = True  # fsdp/hsdp: full-shard (true) or grad-op style (false)
+    replicas: int = 1  # hsdp: replica groups; each shards over world_size / replicas processes
+    mixed_precision: Literal["DEFAULT", "PURE", "FULL"] = "DEFAULT"  # fsdp/hsdp policy (Composer FSDP2)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    activation_cpu_offload: bool = False  # fsdp/hsdp: keep saved activations on the CPU
 
 
 @dataclass
@@ -79,6 +121,14 @@ class TrainSection:
     clip_norm: Optional[float] = 1.0  # None disables clipping
     eval_interval: str = "100ba"
     save_interval: str = "200ba"
+    keep_checkpoints: int = -1  # keep only the newest K checkpoints; -1 keeps all
+    compile: bool = False  # torch.compile the model (Composer compile_config)
+    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    # Start from another run's checkpoint (a file or a run directory): `full` resumes its whole
+    # state, `weights` takes the weights only (fresh optimizer and schedule: continued pretraining),
+    # `weights_optimizer` takes weights and optimizer state with this config's schedule (cooldown).
+    load_from: Optional[str] = None
+    load_mode: Literal["full", "weights", "weights_optimizer"] = "weights"
 
 
 @dataclass
@@ -109,7 +159,7 @@ class Config:
         d = self.to_dict()
         d["run"].pop("name")
         d.pop("debug")
-        for key in ("eval_interval", "save_interval", "device_microbatch_size"):
+        for key in ("eval_interval", "save_interval", "device_microbatch_size", "keep_checkpoints"):
             d["train"].pop(key)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
@@ -122,7 +172,8 @@ def _is_time(value: str) -> bool:
 def _validate_values(cfg: Config) -> None:
     """Checks that go beyond types: ranges and Composer time strings."""
     problems = []
-    for key in ("train.max_duration", "train.eval_interval", "train.save_interval", "schedule.warmup"):
+    for key in ("train.max_duration", "train.eval_interval", "train.save_interval", "schedule.warmup",
+                "schedule.decay"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if not _is_time(value):
@@ -141,9 +192,22 @@ def _validate_values(cfg: Config) -> None:
         problems.append(f"train.clip_norm: must be > 0 (or null to disable), got {cfg.train.clip_norm}")
     if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
         problems.append(f"schedule.min_lr_ratio: must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
+    if not problems and not cfg.schedule.decay.endswith("dur"):
+        unit = lambda t: re.sub(r"[\d.]", "", t).replace("ep", "ba")  # epochs are counted in batches
+        if unit(cfg.schedule.decay) != unit(cfg.train.max_duration):
+            problems.append(f"schedule.decay: '{cfg.schedule.decay}' must be in the unit of train.max_duration "
+                            f"('{cfg.train.max_duration}'), or a fraction like 0.2dur")
+    bad_kinds = sorted(set(cfg.optim.no_decay) - {"norm", "bias", "embedding"})
+    if bad_kinds:
+        problems.append(f"optim.no_decay: unknown kinds {bad_kinds}; choose from norm, bias, embedding")
+    if cfg.train.parallelism.replicas < 1:
+        problems.append(f"train.parallelism.replicas: must be >= 1, got {cfg.train.parallelism.replicas}")
+    if cfg.train.keep_checkpoints == 0 or cfg.train.keep_checkpoints < -1:
+        problems.append(f"train.keep_checkpoints: must be -1 (keep all) or >= 1, got {cfg.train.keep_checkpoints}")
     if cfg.train.global_batch_size % cfg.train.device_microbatch_size:
         problems.append(f"train.device_microbatch_size: {cfg.train.device_microbatch_size} must divide "
                         f"train.global_batch_size ({cfg.train.global_batch_size})")
+    problems += _data_problems(cfg.data)
     if problems:
         raise UserError("; ".join(problems))
 

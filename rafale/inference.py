@@ -1,4 +1,4 @@
-"""Loading a trained model back from a run directory, for generation (and later eval / export)."""
+"""Loading a model for generation: a trained one back from a run directory, or an HF model directory."""
 
 from pathlib import Path
 
@@ -24,16 +24,31 @@ def load_run(run_dir: Path):
     """Returns (decoder in eval mode, tokenizer, config) from the run's latest complete checkpoint."""
     from rafale.train import build_model
 
+    from rafale.checkpoints import latest_model_state
+
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    ckpt = runs.latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise UserError(f"--run {run_dir}: no checkpoint yet; train longer than train.save_interval "
-                        f"({cfg.train.save_interval}) or until the run completes")
+    state = latest_model_state(run_dir)
     tokenizer = Tokenizer.from_file(str(resolve_tokenizer(cfg.data.tokenizer)))
     composer_model = build_model(cfg, tokenizer.get_vocab_size())
-    # Our own checkpoint: Composer pickles its training state, so weights_only=False is needed here.
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    composer_model.load_state_dict(state["state"]["model"])
+    composer_model.load_state_dict(state)
     decoder = composer_model.model.eval()
     return decoder, tokenizer, cfg
+
+
+def load_hf(hf_dir: str):
+    """Returns (decoder in eval mode, tokenizer) from an HF model directory (see models/hf.py)."""
+    from rafale.models.decoder import Decoder
+    from rafale.models.hf import load_weights, model_config
+
+    path = Path(hf_dir).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--hf {hf_dir}: not a directory; give an HF model directory (config.json, "
+                        f"model.safetensors, tokenizer.json)")
+    decoder = Decoder(model_config(None, init_from=str(path), where="--hf"))
+    load_weights(decoder, path, where="--hf")
+    tokenizer = Tokenizer.from_file(str(resolve_tokenizer(str(path.resolve()), key="--hf")))
+    if tokenizer.get_vocab_size() > decoder.cfg.vocab_size:
+        raise UserError(f"--hf {hf_dir}: its tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model "
+                        f"embeds only {decoder.cfg.vocab_size}; the two do not belong together")
+    return decoder.eval(), tokenizer

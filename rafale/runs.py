@@ -2,17 +2,18 @@
 
     $RAFALE_HOME/runs/<run.name>-<config hash>[-N]/
         config.yaml      the resolved config
-        status.json      {"status": running|completed|failed, "pid", "host", "started", "ended", ...}
+        status.json      {"status": running|completed|failed|interrupted|preempted, "pid", "host", ...}
         metrics.jsonl    one JSON object per logged step (Composer's metric names)
         checkpoints/     Composer checkpoints; `latest-rank0.pt` links the newest complete one
 
 Same config + completed run -> refuse (FORCE=1 starts a fresh `-N` directory). Same config +
-interrupted or failed run -> resume it: Composer's autoresume loads `checkpoints/latest-rank0.pt`.
+interrupted, preempted or failed run -> resume it: Composer's autoresume loads the latest checkpoint.
 """
 
 import json
 import os
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -23,8 +24,9 @@ from rafale.paths import runs_dir
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
-LATEST = "latest-rank0.pt"
-_CKPT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
+LATEST = "latest-rank0.pt"  # rank 0's link to the newest complete checkpoint (file or sharded dir)
+LATEST_PATTERN = "latest-rank{rank}.pt"  # Composer's per-rank name: one shared name lets ranks delete each other's
+_CKPT_RE = re.compile(r"^ep(\d+)-ba(\d+)(-rank\d+\.pt)?$")  # a file, or a directory of FSDP shards
 
 
 def read_status(run_dir: Path) -> dict:
@@ -78,10 +80,10 @@ def discard_unfinished_checkpoints(run_dir: Path) -> list[Path]:
     latest = latest_checkpoint(run_dir)
     keep_upto = int(_CKPT_RE.match(latest.name).group(2)) if latest else -1
     removed = []
-    for path in folder.glob("ep*-ba*-rank*.pt") if folder.is_dir() else []:
+    for path in folder.glob("ep*-ba*") if folder.is_dir() else []:
         match = _CKPT_RE.match(path.name)
         if match and int(match.group(2)) > keep_upto:
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(path)
     return removed
 
@@ -109,7 +111,7 @@ def choose_run_dir(base: str, force: bool) -> tuple[Path, str]:
         if state == "running":
             raise UserError(f"run {last.name} is already running (pid {read_status(last).get('pid')}); "
                             f"wait for it or stop it first")
-        if state in ("interrupted", "failed", "new"):
+        if state in ("interrupted", "preempted", "failed", "new"):
             return last, f"resuming {state} run"
         if state == "completed" and not force:
             raise UserError(f"run {last.name} already completed with this config ({last}); "

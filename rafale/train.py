@@ -4,53 +4,99 @@
 """
 
 import copy
+import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from composer import Trainer
 from composer.algorithms import GradientClipping
-from composer.callbacks import LRMonitor, SpeedMonitor
+from composer.callbacks import LRMonitor, OptimizerMonitor, SpeedMonitor
 from composer.core import Callback, State
 from composer.loggers import Logger
-from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
-                            LinearWithWarmupScheduler)
-from composer.utils import dist, reproducibility
+from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
+                            DecoupledSGDW, LinearWithWarmupScheduler)
+from composer.utils import dist, get_device, reproducibility
+from composer.utils.misc import create_interval_scheduler
 
 from rafale import runs
 from rafale.config import Config, save_config
 from rafale.data.cache import PreparedData, prepare_causal_lm
+from rafale.data.classification import prepare_classification
+from rafale.data.collators import for_pipeline
 from rafale.data.loaders import build_dataloader
+from rafale.data.mlm import prepare_mlm
 from rafale.errors import UserError
 from rafale.loggers import JsonlLogger, RichProgress
 from rafale.models.composer import CausalLM, build_model as build_causal_lm
+from rafale.models.encoder_heads import build_encoder_model
+from rafale.models.encoder_presets import ENCODER_PRESETS
+from rafale.optim import InverseSqrtWithWarmupScheduler, Lion, WSDScheduler
+from rafale.preemption import Preemption
 
 
 def build_data(cfg: Config) -> PreparedData:
     d = cfg.data
-    return prepare_causal_lm(train=d.train, tokenizer=d.tokenizer, max_seq_len=d.max_seq_len, val=d.val,
-                             val_fraction=d.val_fraction, doc_separator=d.doc_separator,
-                             eos_token=d.eos_token, key_prefix="data")
+    common = dict(train=d.train, tokenizer=d.tokenizer, max_seq_len=d.max_seq_len, val=d.val,
+                  val_fraction=d.val_fraction, key_prefix="data")
+    if d.pipeline == "mlm":
+        return prepare_mlm(**common, doc_separator=d.doc_separator)
+    if d.pipeline == "classification":
+        return prepare_classification(**common, text_field=d.text_field, text_pair_field=d.text_pair_field,
+                                      label_field=d.label_field)
+    return prepare_causal_lm(**common, doc_separator=d.doc_separator, eos_token=d.eos_token)
 
 
-def build_model(cfg: Config, vocab_size: int) -> CausalLM:
-    """The preset, with the config's size overrides, sized for the tokenizer's vocabulary."""
+def build_model(cfg: Config, vocab_size: int, meta: dict | None = None) -> CausalLM:
+    """The preset with the config's size overrides (or model.init_from's weights), sized for the
+    tokenizer's vocabulary. The encoder pipelines (mlm, classification) take their special tokens and
+    label names from the data cache's `meta`."""
     m = cfg.model
     overrides = {k: getattr(m, k) for k in ("n_layers", "n_heads", "d_model", "d_ff", "max_seq_len")
                  if getattr(m, k) is not None}
-    model = build_causal_lm(m.preset, vocab_size=vocab_size, overrides=overrides)
+    if cfg.data.pipeline != "causal_lm":
+        model = build_encoder_model(cfg.data.pipeline, m.preset, vocab_size, meta["special"]["pad"][1],
+                                    labels=meta.get("labels"), overrides=overrides, init_from=m.init_from)
+    elif m.preset in ENCODER_PRESETS and m.init_from is None:
+        raise UserError(f"model.preset: {m.preset} is an encoder; train it with data.pipeline mlm or "
+                        f"classification, or pick a decoder preset for causal_lm")
+    else:
+        model = build_causal_lm(m.preset, vocab_size=vocab_size, overrides=overrides, init_from=m.init_from)
     if model.model.cfg.max_seq_len < cfg.data.max_seq_len:
         raise UserError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's max_seq_len "
                         f"({model.model.cfg.max_seq_len}); lower it or set model.max_seq_len")
     return model
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    # Decay matrices only: norms and biases are left undecayed, as in GPT-2/nanoGPT.
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict]:
+    """Two groups: decayed, and the parameter kinds in `no_decay` (norm, bias, embedding)."""
+    kinds: dict[int, set[str]] = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            k = kinds.setdefault(id(p), set())
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or "norm" in type(module).__name__.lower():
+                k.add("norm")
+            if name == "bias":
+                k.add("bias")
+            if isinstance(module, torch.nn.Embedding):
+                k.add("embedding")
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    skip = set(no_decay)
+    return [{"params": [p for p in params if not kinds[id(p)] & skip], "weight_decay": weight_decay},
+            {"params": [p for p in params if kinds[id(p)] & skip], "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay, o.no_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if o.name == "decoupled_adamw":  # Composer's: decay not scaled by lr (Loshchilov & Hutter)
+        return DecoupledAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if o.name == "sgd":
+        return DecoupledSGDW(groups, lr=o.lr, momentum=o.momentum)
+    return Lion(groups, lr=o.lr, betas=tuple(o.betas))
 
 
 def build_scheduler(cfg: Config):
@@ -59,6 +105,10 @@ def build_scheduler(cfg: Config):
         return CosineAnnealingWithWarmupScheduler(t_warmup=s.warmup, alpha_f=s.min_lr_ratio)
     if s.name == "linear":
         return LinearWithWarmupScheduler(t_warmup=s.warmup, alpha_i=1.0, alpha_f=s.min_lr_ratio)
+    if s.name == "inverse_sqrt":
+        return InverseSqrtWithWarmupScheduler(t_warmup=s.warmup)
+    if s.name == "wsd":
+        return WSDScheduler(t_warmup=s.warmup, t_decay=s.decay, alpha_f=s.min_lr_ratio, shape=s.decay_shape)
     return ConstantWithWarmupScheduler(t_warmup=s.warmup)
 
 
@@ -83,28 +133,92 @@ def per_device_batch_size(cfg: Config) -> int:
     return cfg.train.global_batch_size // world
 
 
+def build_parallelism(cfg: Config, model: CausalLM) -> dict | None:
+    """Composer's parallelism_config for train.parallelism; DDP needs none (Composer wraps the model
+    in DDP whenever several processes run). Rejects combinations that cannot work, before start."""
+    p, world = cfg.train.parallelism, dist.get_world_size()
+    if p.strategy == "none" and world > 1:
+        raise UserError(f"train.parallelism.strategy is none but {world} processes run; use ddp, fsdp or hsdp")
+    if p.strategy not in ("fsdp", "hsdp"):
+        if p.activation_cpu_offload:
+            raise UserError("train.parallelism.activation_cpu_offload needs strategy fsdp or hsdp")
+        if p.activation_checkpointing:  # FSDP applies it itself; without FSDP torch's wrapper does
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model.model, check_fn=model.activation_checkpointing_fn)
+        return None
+    from composer.utils.parallelism import FSDP2Config
+
+    mesh = None
+    if p.strategy == "hsdp":
+        if p.replicas < 2 or world % p.replicas:
+            raise UserError(f"train.parallelism.replicas: hsdp needs >= 2 replica groups dividing the "
+                            f"{world} processes, got {p.replicas}")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (p.replicas, world // p.replicas),
+                                mesh_dim_names=("dp_replicate", "dp_shard"))
+    # Composer takes an FSDP2Config under the "fsdp" key (a dict there would mean FSDP1, which needs CUDA).
+    return {"fsdp": FSDP2Config(device_mesh=mesh, reshard_after_forward=p.reshard_after_forward,
+                                 activation_checkpointing=p.activation_checkpointing,
+                                 activation_cpu_offload=p.activation_cpu_offload,
+                                 mixed_precision=p.mixed_precision)}
+
+
+def checkpoint_to_load(cfg: Config) -> dict:
+    """Trainer arguments for train.load_from / train.load_mode (the run's own checkpoints, found by
+    autoresume, take precedence once it has any)."""
+    t = cfg.train
+    if t.load_from is None:
+        return {}
+    path = Path(t.load_from).expanduser()
+    if path.is_dir():
+        latest = runs.latest_checkpoint(path)
+        if latest is None:
+            raise UserError(f"train.load_from: {path} holds no checkpoint (no checkpoints/{runs.LATEST})")
+        path = latest
+    if not path.exists():
+        raise UserError(f"train.load_from: no checkpoint at {path}")
+    if t.load_mode == "weights":
+        return {"load_path": str(path), "load_weights_only": True}
+    if t.load_mode == "weights_optimizer":  # keep weights + optimizer moments; time, schedule, data order restart
+        return {"load_path": str(path), "load_ignore_keys": [
+            "state/timestamp", "state/schedulers", "state/dataset_state", "state/train_metrics",
+            "state/eval_metrics", "rng", "state/callbacks", "state/algorithms"]}
+    return {"load_path": str(path)}
+
+
 def build_trainer(cfg: Config, model: CausalLM, data: PreparedData, run_dir: Path | None,
                   extra_callbacks: list[Callback] = ()) -> Trainer:
     """`run_dir=None` is a throwaway run (DEBUG=1): no checkpoints, no metrics file, no resume."""
     t = cfg.train
     batch_size = per_device_batch_size(cfg)
-    train_loader = build_dataloader(data.train, batch_size=batch_size, shuffle=True,
+    collator = for_pipeline(cfg.data.pipeline, data.meta, cfg.data.mlm_probability, cfg.run.seed)
+    train_loader = build_dataloader(data.train, batch_size=batch_size, shuffle=True, collator=collator,
                                     seed=cfg.run.seed, drop_last=True)
     if len(train_loader) == 0:
         raise UserError(f"train.global_batch_size ({t.global_batch_size}) is larger than the "
                         f"{len(data.train)} training blocks; lower it or add data")
     eval_loader = None
     if data.val is not None and len(data.val) and run_dir is not None:
-        eval_loader = build_dataloader(data.val, batch_size=batch_size, shuffle=False,
+        eval_loader = build_dataloader(data.val, batch_size=batch_size, shuffle=False, collator=collator,
                                        seed=cfg.run.seed, drop_last=False)
+    parallelism = build_parallelism(cfg, model)
     optimizer = build_optimizer(cfg, model)
     loggers = [RichProgress(t.max_duration)]
-    callbacks = [LRMonitor(), SpeedMonitor(window_size=10), *extra_callbacks]
+    # Grad norms every 10 steps (metrics.jsonl: l2_norm/grad/global), lr, tokens/s; stop on NaN loss.
+    callbacks = [LRMonitor(), SpeedMonitor(window_size=10), DivergenceGuard(),
+                 OptimizerMonitor(log_optimizer_metrics=False, batch_log_interval=10), *extra_callbacks]
     checkpointing = {}
     if run_dir is not None:
         loggers.append(JsonlLogger(run_dir / runs.METRICS_FILE))
-        checkpointing = dict(save_folder=str(run_dir / runs.CHECKPOINTS), save_interval=t.save_interval,
-                             save_latest_filename=runs.LATEST, save_overwrite=False, autoresume=True)
+        save_interval = create_interval_scheduler(t.save_interval)
+        preemption = next((c for c in extra_callbacks if isinstance(c, Preemption)), None)
+        if preemption is not None:
+            save_interval = preemption.save_interval(save_interval)
+        checkpointing = dict(save_folder=str(run_dir / runs.CHECKPOINTS), save_interval=save_interval,
+                             save_latest_filename=runs.LATEST_PATTERN, save_overwrite=False, autoresume=True,
+                             save_num_checkpoints_to_keep=t.keep_checkpoints, **checkpoint_to_load(cfg))
     return Trainer(
         model=model,
         train_dataloader=train_loader,
@@ -117,6 +231,8 @@ def build_trainer(cfg: Config, model: CausalLM, data: PreparedData, run_dir: Pat
         algorithms=[GradientClipping("norm", t.clip_norm)] if t.clip_norm else [],
         device_train_microbatch_size=min(t.device_microbatch_size, batch_size),
         precision=resolve_precision(t.precision),
+        parallelism_config=parallelism,
+        compile_config={} if t.compile else None,
         loggers=loggers,
         callbacks=callbacks,
         progress_bar=False,
@@ -127,29 +243,89 @@ def build_trainer(cfg: Config, model: CausalLM, data: PreparedData, run_dir: Pat
     )
 
 
+class Diverged(Exception):
+    """The training loss became NaN or infinite; the run is marked failed and the CLI exits 1."""
+
+
+class DivergenceGuard(Callback):
+    """Stops at the first non-finite loss with a message that says what to try (Composer's
+    NaNMonitor raises a bare RuntimeError and misses infinities)."""
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        if not torch.isfinite(state.loss).all():
+            raise Diverged(f"the training loss is {float(state.loss)} at step {int(state.timestamp.batch) + 1}; "
+                           f"lower optim.lr, keep train.clip_norm, or use fp32")
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint; the CLI exits 75."""
+
+
+def _per_node_signal_file_name(original):
+    """Composer 0.32 broadcasts rank 0's name for its per-node signal files ("._signal_file_node0_x"),
+    so nodes sharing a filesystem (NFS, Lustre, or two launchers on one machine) create and delete
+    the same file and crash on autoresume. Suffixing this node's rank keeps each node to its own file."""
+
+    def name(*args, **kwargs) -> str:
+        return f"{original(*args, **kwargs)}_on{dist.get_node_rank()}"
+
+    name.rafale_patched = True
+    return name
+
+
+if not getattr(dist.get_node_signal_file_name, "rafale_patched", False):
+    dist.get_node_signal_file_name = _per_node_signal_file_name(dist.get_node_signal_file_name)
+
+
+def _start_distributed() -> None:
+    """Initialise torch.distributed now when launched with several processes, so the ranks can agree
+    on the run directory before any of them writes to it (Composer's Trainer reuses this group)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.initialize_dist(get_device(None))
+
+
 def train(cfg: Config, force: bool = False) -> Path:
-    """Trains the config's run to completion (resuming it if it was interrupted). Returns the run dir."""
+    """Trains the config's run to completion (resuming it if it was interrupted). Returns the run dir.
+
+    Raises Preempted when a signal asked it to stop early (a checkpoint is saved first)."""
     reproducibility.seed_all(cfg.run.seed)
+    _start_distributed()
     data = build_data(cfg)
     run_dir, why = runs.choose_run_dir(f"{cfg.run.name}-{cfg.hash()}", force)
-    print(f"{why}: {run_dir}", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    runs.discard_unfinished_checkpoints(run_dir)
-    model = build_model(cfg, data.meta["vocab_size"])
-    trainer = build_trainer(cfg, model, data, run_dir)
-    runs.mark_started(run_dir, cfg.hash())
+    dist.barrier()  # every rank has decided before rank 0 marks the run as running
+    if dist.get_global_rank() == 0:
+        print(f"{why}: {run_dir}", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        runs.discard_unfinished_checkpoints(run_dir)
+        runs.mark_started(run_dir, cfg.hash())
+    dist.barrier()
+    model = build_model(cfg, data.meta["vocab_size"], data.meta)
+    preemption = Preemption()
+    trainer = build_trainer(cfg, model, data, run_dir, extra_callbacks=[preemption])
+    preemption.install()
+    rank0 = dist.get_global_rank() == 0
     try:
         trainer.fit()
     except KeyboardInterrupt:
-        runs.mark_ended(run_dir, "interrupted")
+        if rank0:
+            runs.mark_ended(run_dir, "interrupted")
         raise
     except BaseException as e:
-        runs.mark_ended(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        if rank0:
+            runs.mark_ended(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
+        preemption.uninstall()
         trainer.close()
-    runs.mark_ended(run_dir, "completed", steps=int(trainer.state.timestamp.batch))
+    steps = int(trainer.state.timestamp.batch)
+    if preemption.stopping:
+        if rank0:
+            runs.mark_ended(run_dir, "preempted", steps=steps)
+        raise Preempted(f"stopped by a signal at step {steps} with a checkpoint in {run_dir}; "
+                        f"run the same command to resume")
+    if rank0:
+        runs.mark_ended(run_dir, "completed", steps=steps)
     return run_dir
 
 
@@ -159,6 +335,11 @@ def prepare(cfg: Config) -> PreparedData:
     data = build_data(cfg)
     s = data.meta["stats"]
     verb = "cache hit" if data.hit else f"built in {time.perf_counter() - t0:.1f}s"
+    if cfg.data.pipeline == "classification":
+        print(f"{verb}: {data.path}\n  {s['train_examples']:,} train + {s['val_examples']:,} val examples, "
+              f"{s['tokens']:,} tokens, {s['truncated']:,} truncated to {cfg.data.max_seq_len}; labels "
+              f"{', '.join(data.meta['labels'])}")
+        return data
     print(f"{verb}: {data.path}\n  {s['documents']:,} documents, {s['tokens']:,} tokens, "
           f"{s['train_blocks']:,} train + {s['val_blocks']:,} val blocks of {cfg.data.max_seq_len} tokens")
     return data
@@ -177,16 +358,16 @@ def debug_overfit(cfg: Config, fit_ratio: float = 0.2) -> bool:
     reproducibility.seed_all(cfg.run.seed)
     data = build_data(cfg)
     n = min(cfg.train.device_microbatch_size, len(data.train))
-    # Every batch of this dataset is the same n blocks, so the model sees one batch `steps` times.
-    one_batch = PreparedData(path=data.path, train=data.train[:n].repeat(cfg.debug.steps, axis=0)
-                             .reshape(cfg.debug.steps * n, -1), val=None, meta=data.meta, hit=data.hit)
+    # Every batch of this dataset is the same n rows, so the model sees one batch `steps` times.
+    one_batch = PreparedData(path=data.path, train=data.train[np.tile(np.arange(n), cfg.debug.steps)],
+                             val=None, meta=data.meta, hit=data.hit)
     dbg = copy.deepcopy(cfg)
     dbg.optim.lr, dbg.optim.weight_decay = cfg.debug.lr, 0.0
     dbg.schedule.name, dbg.schedule.warmup = "constant", "0ba"
     dbg.train.max_duration = f"{cfg.debug.steps}ba"
     dbg.train.global_batch_size = dbg.train.device_microbatch_size = n * dist.get_world_size()
     history = _LossHistory()
-    model = build_model(cfg, data.meta["vocab_size"])
+    model = build_model(cfg, data.meta["vocab_size"], data.meta)
     trainer = build_trainer(dbg, model, one_batch, run_dir=None, extra_callbacks=[history])
     trainer.fit()
     trainer.close()

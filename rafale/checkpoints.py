@@ -1,0 +1,37 @@
+"""Reading a run's Composer checkpoint back as a plain model state dict (for generate, eval, export).
+
+Composer writes either one `.pt` file (single process, DDP) or, under FSDP, a directory of
+torch.distributed.checkpoint shards. Both come back here as `{"model.<name>": tensor}`, the
+ComposerModel's own state dict, without a process group.
+"""
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rafale import runs
+from rafale.errors import UserError
+
+
+def latest_model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = runs.latest_checkpoint(Path(run_dir))
+    if ckpt is None:
+        raise UserError(f"--run {run_dir}: no checkpoint yet; train past train.save_interval or to the end")
+    return read_model_state(ckpt)
+
+
+def read_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    ckpt = Path(ckpt)
+    if ckpt.is_dir():  # FSDP sharded: consolidate the shards into one file first
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            whole = Path(tmp) / "whole.pt"
+            dcp_to_torch_save(str(ckpt), str(whole))
+            state = torch.load(whole, map_location="cpu", weights_only=False)
+    else:
+        # mmap: tensors are read from disk on use, so loading does not hold a second copy in memory.
+        # weights_only=False: Composer pickles its training state; this is our own run's file.
+        state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+    return state["state"]["model"]

@@ -1,0 +1,50 @@
+"""Preemption and walltime: SIGTERM or SIGUSR1 -> a checkpoint at the next step boundary, exit 75.
+
+Clusters send SIGTERM before killing a job (SLURM also SIGUSR1 via `--signal`). The handler only
+sets a flag; at the end of the current step all ranks agree on it, Composer's checkpoint saver
+writes a checkpoint, training stops, and the process exits with PREEMPTED_EXIT_CODE so a job script
+can requeue itself. Relaunching the same command resumes from that checkpoint.
+"""
+
+import signal
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "temporary failure, try again"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preemption(Callback):
+    def __init__(self):
+        self.requested = False  # a signal arrived in this process
+        self.stopping = False  # all ranks agreed to stop after this step
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+
+    def save_interval(self, regular):
+        """Composer's save_interval callable: the regular schedule, or now if we are stopping."""
+        return lambda state, event: self.stopping or regular(state, event)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        flag = self.requested
+        if dist.get_world_size() > 1:  # one rank's signal stops every rank at the same step
+            t = state.device.tensor_to_device(torch.tensor([int(flag)]))
+            dist.all_reduce(t, reduce_operation="MAX")
+            flag = bool(t.item())
+        if flag and not self.stopping:
+            self.stopping = True
+            state.stop_training()

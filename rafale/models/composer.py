@@ -1,6 +1,8 @@
 """`CausalLM`: the Composer wrapper around `Decoder` (next-token loss, eval metrics, FSDP and activation
 checkpointing hooks, a FLOP count for MFU), and `build_model`, which makes one from a preset name."""
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
@@ -23,33 +25,76 @@ def next_token_targets(batch: dict) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+class TrainOutput(NamedTuple):
+    """What `CausalLM.forward` returns in training mode: the batch's loss, computed with the head
+    fused into the cross-entropy (models/losses.py), in place of the (B, T, V) logits, which with
+    their gradient would be the largest tensors of the step. `shape` is those logits' shape."""
+    loss: torch.Tensor
+    shape: torch.Size
+
+
+class EvalOutput(NamedTuple):
+    """What `CausalLM.eval_forward` returns: the batch's summed next-token loss and its number of
+    target tokens, computed like the training loss (never the whole logits). They are exactly what
+    LanguageCrossEntropy and LanguagePerplexity accumulate."""
+    sum_loss: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+class _FromSums:
+    """Makes Composer's LanguageCrossEntropy / LanguagePerplexity, whose state is (sum_loss,
+    total_items), take an EvalOutput in update() rather than the (B, T, V) logits."""
+
+    def update(self, output: EvalOutput, target: torch.Tensor | None = None) -> None:
+        self.sum_loss += output.sum_loss
+        self.total_items += output.n_tokens
+
+
+class CrossEntropyMetric(_FromSums, LanguageCrossEntropy):
+    pass
+
+
+class PerplexityMetric(_FromSums, LanguagePerplexity):
+    pass
+
+
 class CausalLM(ComposerModel):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.model = Decoder(cfg)  # the only child: Composer's FSDP wraps it, and its blocks via fsdp_wrap_fn
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(batch["input_ids"])  # (B, T, V)
+    def forward(self, batch: dict) -> TrainOutput | torch.Tensor:
+        """Training mode: a TrainOutput holding the loss; eval mode: the logits (B, T, V)."""
+        if not self.training:
+            return self.model(batch["input_ids"])
+        ids = batch["input_ids"]
+        return TrainOutput(self.model(ids, targets=next_token_targets(batch)),
+                           torch.Size((*ids.shape, self.model.cfg.vocab_size)))
 
-    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Mean cross-entropy over the non-ignored next tokens, in fp32 (same value as HF's loss)."""
+    def loss(self, outputs: TrainOutput | torch.Tensor, batch: dict) -> torch.Tensor:
+        """Mean cross-entropy over the non-ignored next tokens, in fp32 (same value as HF's loss).
+        From a TrainOutput, the loss forward computed on this batch; from logits, computed here."""
+        if isinstance(outputs, TrainOutput):
+            return outputs.loss
         targets = next_token_targets(batch)
         return F.cross_entropy(outputs.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
-    def eval_forward(self, batch: dict, outputs: torch.Tensor | None = None) -> torch.Tensor:
-        return outputs if outputs is not None else self.forward(batch)
+    def eval_forward(self, batch: dict, outputs: TrainOutput | None = None) -> EvalOutput:
+        targets = next_token_targets(batch)
+        n = (targets != IGNORE_INDEX).sum()
+        mean = self.model(batch["input_ids"], targets=targets)
+        return EvalOutput(torch.where(n > 0, mean * n, 0.0), n)
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         if is_train:
             # The training loss is this cross-entropy already; a train metric would be a second pass
             # over the (B, T, V) logits every batch for the same number.
             return {}
-        return {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
-                "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX)}
+        return {"LanguageCrossEntropy": CrossEntropyMetric(ignore_index=IGNORE_INDEX),
+                "LanguagePerplexity": PerplexityMetric(ignore_index=IGNORE_INDEX)}
 
-    def update_metric(self, batch: dict, outputs: torch.Tensor, metric: Metric) -> None:
-        # Both metrics take logits (B, T, V) and targets (B, T), flattening them to (B*T, V) / (B*T,).
-        metric.update(outputs, next_token_targets(batch))
+    def update_metric(self, batch: dict, outputs: EvalOutput, metric: Metric) -> None:
+        metric.update(outputs)
 
     def fsdp_wrap_fn(self, module: torch.nn.Module) -> bool:
         # FSDP1 asks the ComposerModel; FSDP2 asks its child (Decoder.fsdp_wrap_fn). Same answer.

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rafale.errors import UserError
+from rafale.models.losses import linear_cross_entropy
 
 
 @dataclass
@@ -235,5 +236,12 @@ class Decoder(nn.Module):
         """Hidden states (..., C) -> logits (..., vocab_size)."""
         return self.embed_out(h)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return self.head(self.forward_hidden(input_ids, cache))
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); or, given `targets` (B, T) (-100 where none), the mean cross-entropy
+        against them, with the head fused into the loss so the logits are never held whole
+        (models/losses.py). Inside forward, so FSDP has the head's weight gathered either way."""
+        h = self.forward_hidden(input_ids, cache)
+        if targets is not None:
+            return linear_cross_entropy(h, self.embed_out.weight, targets)
+        return self.head(h)

@@ -91,7 +91,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, o.no_decay)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        # fused: one kernel for all parameters; on CPU torch otherwise loops per parameter (83 ms of a
+        # ~1.5 s pythia-tiny step on one core, against 11 ms fused: bench/README.md).
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     if o.name == "decoupled_adamw":  # Composer's: decay not scaled by lr (Loshchilov & Hutter)
         return DecoupledAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     if o.name == "sgd":

@@ -1,4 +1,6 @@
-"""Data: the causal-LM pipeline (pipelines.py), its disk cache (cache.py), torch loaders (loaders.py).
+"""Data: the causal-LM pipeline (pipelines.py), the masked-LM (mlm.py) and classification
+(classification.py) pipelines, the disk cache they share (cache.py), torch loaders (loaders.py) and the
+encoder pipelines' batch collators (collators.py: MLM masking, padding).
 
 Nothing is imported here, so preparing data (cache.py) never pays for importing torch.
 """

@@ -1,14 +1,15 @@
-"""The data cache: tokenized, chunked datasets on disk, built once and memory-mapped after.
+"""The data cache: tokenized datasets on disk, built once and memory-mapped after. Every pipeline
+(causal_lm here; mlm.py, classification.py) stores its entries through `load_or_build`:
 
     $RAFALE_HOME/data/<pipeline>-<key[:16]>/
-        train.npy   (n_train_blocks, max_seq_len) uint16/uint32
-        val.npy     (n_val_blocks, max_seq_len), possibly 0 rows
-        meta.json   key, options, tokenizer, sources, stats
+        <name>.npy  the pipeline's arrays, e.g. causal_lm's train.npy (n_train_blocks, max_seq_len) and
+                    val.npy (n_val_blocks, max_seq_len), possibly 0 rows
+        meta.json   key, options, tokenizer, sources, stats, and the shape of every array
 
-The key is a sha256 over exactly what decides the blocks: the cache format version, the pipeline
-and its options, the tokenizer.json bytes, the block size, and the bytes of every source file in
-order. Paths are not in it (a moved corpus is still a hit) and neither is anything from the
-training side (batch size, seed), so changing those never re-tokenizes.
+The key is a sha256 over exactly what decides the arrays: the cache format version, the pipeline
+and its options, the tokenizer.json bytes and the bytes of every source file in order. Paths are
+not in it (a moved corpus is still a hit) and neither is anything from the training side (batch
+size, seed, MLM masking), so changing those never re-tokenizes.
 
 A build writes into a hidden sibling `.<name>.tmp-<pid>`, fsyncs, then renames it into place, so
 a directory under its final name is always complete. An entry is trusted only when its meta.json
@@ -25,6 +26,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -33,13 +35,15 @@ from rafale.errors import UserError
 from rafale.paths import data_cache_dir, resolve_tokenizer
 
 # Bump when a change to the pipelines or to this layout would change what an entry holds.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass
 class PreparedData:
     path: Path
-    train: np.ndarray  # (n_blocks, max_seq_len), mmap_mode="r"
+    # causal_lm and mlm: (n_blocks, max_seq_len) arrays, mmap_mode="r"; classification: Examples
+    # (classification.py). Both index with an int (one row) or an array of ints (a subset).
+    train: np.ndarray
     val: np.ndarray | None  # None when there is no validation split
     meta: dict
     hit: bool  # True when the entry was already on disk
@@ -60,6 +64,44 @@ def _describe(path: Path) -> dict:
     return {"path": str(path), "bytes": size, "sha256": digest}
 
 
+def describe_sources(paths: dict[str, list[Path]]) -> dict[str, list[dict]]:
+    """Per split, each file's path, size and sha256 (the sha256s go into the key, the rest into meta)."""
+    return {split: [_describe(p) for p in ps] for split, ps in paths.items()}
+
+
+def source_key(sources: dict[str, list[dict]]) -> dict[str, list[str]]:
+    return {split: [s["sha256"] for s in ss] for split, ss in sources.items()}
+
+
+def load_or_build(pipeline: str, key_fields: dict,
+                  build: Callable[[], tuple[dict[str, np.ndarray], dict]]) -> tuple[Path, dict, dict, bool]:
+    """The entry of `pipeline` keyed by `key_fields` (everything that decides its arrays): found on
+    disk, or made now by `build() -> (arrays by name, meta)`, which runs on a miss only, under the
+    lock. Returns (entry directory, arrays memory-mapped, meta, hit)."""
+    key_fields = {"format": FORMAT_VERSION, "pipeline": pipeline, **key_fields}
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
+    final = data_cache_dir() / f"{pipeline}-{key[:16]}"
+    if entry := open_entry(final, key):
+        return final, *entry, True
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(final.parent / f".{final.name}.lock"):
+        if entry := open_entry(final, key):  # another process built it while we waited
+            return final, *entry, True
+        # Holding the lock, no one else is building this entry: whatever is here was left by an
+        # interrupted build (flock is released when its holder dies) or is damaged.
+        for stale in [final, *final.parent.glob(f".{final.name}.tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        t0 = time.perf_counter()
+        arrays, meta = build()
+        meta.setdefault("stats", {})["seconds"] = round(time.perf_counter() - t0, 3)
+        meta = {"format": FORMAT_VERSION, "key": key, "pipeline": pipeline, **meta,
+                "arrays": {name: list(a.shape) for name, a in arrays.items()}}
+        _write_atomically(final, {f"{name}.npy": a for name, a in arrays.items()}, meta)
+    entry = open_entry(final, key)
+    assert entry is not None, f"the cache entry just built at {final} does not open"
+    return final, *entry, False
+
+
 def prepare_causal_lm(train: str | list[str], tokenizer: str, max_seq_len: int,
                       val: str | list[str] | None = None, val_fraction: float = 0.05,
                       doc_separator: str | None = None, eos_token: str | None = None,
@@ -72,27 +114,13 @@ def prepare_causal_lm(train: str | list[str], tokenizer: str, max_seq_len: int,
              "val": pipelines.list_sources(val, f"{key_prefix}.val") if val is not None else []}
     tok_path = resolve_tokenizer(tokenizer, f"{key_prefix}.tokenizer")
     tok_bytes = tok_path.read_bytes()
-    sources = {split: [_describe(p) for p in ps] for split, ps in paths.items()}
+    sources = describe_sources(paths)
     # With explicit val files, val_fraction plays no part, so it stays out of the key.
     options = {"doc_separator": doc_separator, "eos_token": eos_token, "max_seq_len": max_seq_len,
                "val_fraction": None if paths["val"] else val_fraction}
-    key_fields = {"format": FORMAT_VERSION, "pipeline": pipelines.PIPELINE, "options": options,
-                  "tokenizer_sha256": hashlib.sha256(tok_bytes).hexdigest(),
-                  "sources": {split: [s["sha256"] for s in ss] for split, ss in sources.items()}}
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
-    final = data_cache_dir() / f"{pipelines.PIPELINE}-{key[:16]}"
+    tok_sha = hashlib.sha256(tok_bytes).hexdigest()
 
-    if entry := open_entry(final, key):
-        return entry
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(final.parent / f".{final.name}.lock"):
-        if entry := open_entry(final, key):  # another process built it while we waited
-            return entry
-        # Holding the lock, no one else is building this entry: whatever is here was left by an
-        # interrupted build (flock is released when its holder dies) or is damaged.
-        for stale in [final, *final.parent.glob(f".{final.name}.tmp-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
-        t0 = time.perf_counter()
+    def build():
         tok = pipelines.load_tokenizer(tok_bytes.decode("utf-8"))
         eos, eos_id = pipelines.resolve_eos(tok, eos_token, tok_path, key_prefix)
         vocab_size = tok.get_vocab_size(with_added_tokens=True)  # ~10 ms per call: once
@@ -100,33 +128,31 @@ def prepare_causal_lm(train: str | list[str], tokenizer: str, max_seq_len: int,
             paths["train"], paths["val"], tok, vocab_size, max_seq_len, val_fraction, doc_separator,
             eos_id, key_prefix)
         stats["bytes"] = sum(s["bytes"] for ss in sources.values() for s in ss)
-        stats["seconds"] = round(time.perf_counter() - t0, 3)
-        meta = {"format": FORMAT_VERSION, "key": key, "pipeline": pipelines.PIPELINE, "options": options,
-                "tokenizer": {"path": str(tok_path), "sha256": key_fields["tokenizer_sha256"],
-                              "eos_token": eos, "eos_id": eos_id},
-                "vocab_size": vocab_size, "dtype": str(train_blocks.dtype),
-                "sources": sources, "stats": stats}
-        _write_atomically(final, {"train.npy": train_blocks, "val.npy": val_blocks}, meta)
-    entry = open_entry(final, key)
-    assert entry is not None, f"the cache entry just built at {final} does not open"
-    return dataclasses.replace(entry, hit=False)
+        meta = {"options": options, "tokenizer": {"path": str(tok_path), "sha256": tok_sha, "eos_token": eos,
+                                                  "eos_id": eos_id},
+                "vocab_size": vocab_size, "dtype": str(train_blocks.dtype), "sources": sources, "stats": stats}
+        return {"train": train_blocks, "val": val_blocks}, meta
+
+    path, arrays, meta, hit = load_or_build(
+        pipelines.PIPELINE, {"options": options, "tokenizer_sha256": tok_sha, "sources": source_key(sources)},
+        build)
+    val_blocks = arrays["val"]
+    return PreparedData(path=path, train=arrays["train"], val=val_blocks if len(val_blocks) else None,
+                        meta=meta, hit=hit)
 
 
-def open_entry(path: Path, key: str) -> PreparedData | None:
-    """The entry at `path` if it is complete and built for `key`, else None."""
+def open_entry(path: Path, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
+    """(arrays, meta) of the entry at `path` if it is complete and built for `key`, else None."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         if not isinstance(meta, dict) or meta.get("key") != key:
             return None
-        train = np.load(path / "train.npy", mmap_mode="r")
-        val = np.load(path / "val.npy", mmap_mode="r")
-        shapes = ((meta["stats"]["train_blocks"], meta["options"]["max_seq_len"]),
-                  (meta["stats"]["val_blocks"], meta["options"]["max_seq_len"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+        if any(list(a.shape) != meta["arrays"][name] for name, a in arrays.items()):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if (train.shape, val.shape) != shapes:
-        return None
-    return PreparedData(path=path, train=train, val=val if len(val) else None, meta=meta, hit=True)
+    return arrays, meta
 
 
 @contextmanager

@@ -94,6 +94,27 @@ def resolve_eos(tok: Tokenizer, eos_token: str | None, tokenizer_path: Path, key
                     f"set {key_prefix}.eos_token to the token that ends a document ({hint})")
 
 
+# Encoder tokenizers' special tokens by role: BERT's WordPiece names first, then RoBERTa's.
+SPECIAL_CANDIDATES = {"cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "pad": ("[PAD]", "<pad>"),
+                      "mask": ("[MASK]", "<mask>"), "unk": ("[UNK]", "<unk>")}
+
+
+def special_tokens(tok: Tokenizer, key: str, tokenizer_path: Path,
+                   need: tuple[str, ...] = ("cls", "sep", "pad", "mask")) -> dict[str, tuple[str, int]]:
+    """role -> (token, id) for the encoder pipelines (mlm, classification); a UserError naming what the
+    tokenizer lacks when a role in `need` has none (an optional role without one is left out)."""
+    found = {}
+    for role, candidates in SPECIAL_CANDIDATES.items():
+        hit = next(((t, i) for t in candidates if (i := tok.token_to_id(t)) is not None), None)
+        if hit is not None:
+            found[role] = hit
+    missing = [f"{role} ({' or '.join(SPECIAL_CANDIDATES[role])})" for role in need if role not in found]
+    if missing:
+        raise UserError(f"{key}: {tokenizer_path} has no {', '.join(missing)} token; this pipeline needs an "
+                        f"encoder tokenizer such as the bundled bert-base-uncased or roberta-base")
+    return found
+
+
 def read_text(path: Path, key: str) -> str:
     try:
         return path.read_bytes().decode("utf-8")

@@ -1,0 +1,210 @@
+"""The classification datapipe: rows of text (or a text pair) and a label -> token ids with the
+tokenizer's own [CLS] a [SEP] (b [SEP]) framing, truncated to max_seq_len, cached like the other
+pipelines (cache.py). Padding happens per batch in the collator (collators.py).
+
+    files: .jsonl (one JSON object per line), .csv, .tsv (header row; no quoting, as GLUE), .parquet;
+      a file, a list, or a directory of them
+      -> rows: `text_field`, optional `text_pair_field`, `label_field`
+      -> labels: all integers (or digit strings, as TSV gives them): the label IS the class id, and the
+         label names are "0" .. "max"; otherwise names, sorted, and the class id is the position
+      -> train / val: explicit val files, or the LAST `val_fraction` of the rows
+
+Stored ragged: <split>_ids (all token ids, concatenated), <split>_offsets (n + 1), <split>_labels (n),
+and <split>_types (segment ids) for pairs. meta.json keeps the label names. It imports no torch.
+"""
+
+import csv
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from rafale.data import pipelines
+from rafale.data.cache import PreparedData, describe_sources, load_or_build, source_key
+from rafale.errors import UserError
+from rafale.paths import resolve_tokenizer
+
+PIPELINE = "classification"
+FORMATS = (".jsonl", ".csv", ".tsv", ".parquet")
+INT_LABEL = re.compile(r"^\s*\d+\s*$")
+
+
+class Examples:
+    """One split's tokenized examples. `ex[i]` is {"input_ids", "label"(, "token_type_ids")} with numpy
+    values; `ex[array_of_indices]` is a new Examples holding those rows (in that order, repeats allowed)."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, labels: np.ndarray, types: np.ndarray | None = None):
+        self.ids, self.offsets, self.labels, self.types = ids, offsets, labels, types
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            row = {"input_ids": self.ids[a:b], "label": int(self.labels[i])}
+            if self.types is not None:
+                row["token_type_ids"] = self.types[a:b]
+            return row
+        rows = [self[int(j)] for j in np.asarray(i)]
+        lengths = [len(r["input_ids"]) for r in rows]
+        cat = (lambda k: np.concatenate([r[k] for r in rows])) if rows else (lambda k: self.ids[:0])
+        return Examples(cat("input_ids"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                        np.array([r["label"] for r in rows], dtype=np.int64),
+                        cat("token_type_ids") if self.types is not None else None)
+
+
+def read_rows(path: Path, key: str) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise UserError(f"{key}: {path} is not one of {', '.join(FORMATS)}; the classification pipeline reads "
+                        f"tables of text and labels")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a damaged or non-parquet file
+            raise UserError(f"{key}: {path} is not a readable parquet file ({e})") from None
+    text = pipelines.read_text(path, key)
+    if suffix == ".jsonl":
+        rows = []
+        # "\n" only: str.splitlines would also cut at U+2028 and other separators inside JSON strings.
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{key}: {path} line {n} is not JSON ({e})") from None
+        return rows
+    # GLUE's TSVs hold bare quotes inside sentences; csv's quoting would swallow them.
+    quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+    return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",",
+                               quoting=quoting))
+
+
+def read_split(paths: list[Path], fields: dict[str, str | None], key: str) -> dict[str, list]:
+    """Column name -> values, over every row of `paths`; `fields` maps role -> config key's column."""
+    columns = {role: [] for role, name in fields.items() if name is not None}
+    for path in paths:
+        for n, row in enumerate(read_rows(path, key), 1):
+            for role in columns:
+                name = fields[role]
+                value = row.get(name) if isinstance(row, dict) else None
+                if value is None:
+                    have = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+                    raise UserError(f"{key}: {path} row {n} has no {name!r} (set by data.{role}); its fields: "
+                                    f"{have}")
+                columns[role].append(value)
+    if not columns["label_field"]:
+        raise UserError(f"{key}: its {len(paths)} file(s) hold no rows; point it at a table of texts and labels")
+    return columns
+
+
+def label_ids(train: list, val: list, key_prefix: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(label names, train ids, val ids): integer labels are class ids themselves, others are names
+    numbered in sorted order."""
+    every = train + val
+    if all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and INT_LABEL.match(v)
+           for v in every):
+        ids = [int(v) for v in every]
+        names = [str(i) for i in range(max(ids) + 1)]
+    else:
+        names = sorted({str(v) for v in train})
+        index = {name: i for i, name in enumerate(names)}
+        unknown = sorted({str(v) for v in val} - set(index))
+        if unknown:
+            raise UserError(f"{key_prefix}.val: label(s) {', '.join(map(repr, unknown))} never occur in "
+                            f"{key_prefix}.train (its labels: {', '.join(names)})")
+        ids = [index[str(v)] for v in every]
+    if len(names) < 2:
+        raise UserError(f"{key_prefix}.label_field: the data has a single label ({names[0]!r}); a classifier "
+                        f"needs at least 2")
+    ids = np.array(ids, dtype=np.int64)
+    return names, ids[:len(train)], ids[len(train):]
+
+
+def tokenize(tok, texts: list[str], pairs: list[str] | None, max_seq_len: int, dtype, key: str) -> tuple[dict, int]:
+    """Arrays ids / offsets (/ types for pairs) and the number of examples truncated."""
+    for name, column in (("text_field", texts), ("text_pair_field", pairs or [])):
+        bad = next((v for v in column if not isinstance(v, str)), None)
+        if bad is not None:
+            raise UserError(f"{key}: data.{name} must hold text, found {bad!r}")
+    tok.enable_truncation(max_seq_len, strategy="longest_first")
+    inputs = list(zip(texts, pairs)) if pairs is not None else texts
+    encodings = tok.encode_batch_fast(inputs, add_special_tokens=True)
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    arrays = {"ids": np.fromiter((i for e in encodings for i in e.ids), dtype=dtype, count=int(lengths.sum())),
+              "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)}
+    if pairs is not None:
+        arrays["types"] = np.fromiter((t for e in encodings for t in e.type_ids), dtype=np.uint8,
+                                      count=int(lengths.sum()))
+    return arrays, sum(1 for e in encodings if e.overflowing)
+
+
+def prepare_classification(train: str | list[str], tokenizer: str, max_seq_len: int, text_field: str = "text",
+                           label_field: str = "label", text_pair_field: str | None = None,
+                           val: str | list[str] | None = None, val_fraction: float = 0.05,
+                           key_prefix: str = "data") -> PreparedData:
+    """The tokenized, labelled examples of these tables, from the cache or built now."""
+    if max_seq_len < 3:
+        raise UserError(f"{key_prefix}.max_seq_len: must be at least 3 ([CLS], text, [SEP]), got {max_seq_len}")
+    paths = {"train": pipelines.list_sources(train, f"{key_prefix}.train"),
+             "val": pipelines.list_sources(val, f"{key_prefix}.val") if val is not None else []}
+    tok_path = resolve_tokenizer(tokenizer, f"{key_prefix}.tokenizer")
+    tok_bytes = tok_path.read_bytes()
+    tok_sha = hashlib.sha256(tok_bytes).hexdigest()
+    sources = describe_sources(paths)
+    fields = {"text_field": text_field, "text_pair_field": text_pair_field, "label_field": label_field}
+    options = {**fields, "max_seq_len": max_seq_len, "val_fraction": None if paths["val"] else val_fraction}
+
+    def build():
+        tok = pipelines.load_tokenizer(tok_bytes.decode("utf-8"))
+        special = pipelines.special_tokens(tok, f"{key_prefix}.tokenizer", tok_path, need=("cls", "sep", "pad"))
+        if tok.encode("a").ids[:1] != [special["cls"][1]]:
+            raise UserError(f"{key_prefix}.tokenizer: {tok_path} adds no {special['cls'][0]} in front of a text "
+                            f"(no post-processor); the classifier reads its label off that token")
+        vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+        columns = {split: read_split(ps, fields, f"{key_prefix}.{split}") for split, ps in paths.items() if ps}
+        if "val" not in columns:
+            n = len(columns["train"]["label_field"])
+            n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+            if n <= n_val:
+                raise UserError(f"{key_prefix}.train: {n} row(s), too few for 1 training plus {n_val} validation "
+                                f"row(s); add rows or set {key_prefix}.val_fraction to 0")
+            whole = columns.pop("train")
+            columns = {"train": {k: v[:n - n_val] for k, v in whole.items()},
+                       "val": {k: v[n - n_val:] for k, v in whole.items()}}
+        names, train_ids, val_ids = label_ids(columns["train"]["label_field"], columns["val"]["label_field"],
+                                              key_prefix)
+        arrays, stats = {}, {"examples": 0, "tokens": 0, "truncated": 0}
+        for split, labels in (("train", train_ids), ("val", val_ids)):
+            c = columns[split]
+            tokens, truncated = tokenize(tok, c["text_field"], c.get("text_pair_field"), max_seq_len, dtype,
+                                         f"{key_prefix}.{split}")
+            arrays.update({f"{split}_{k}": v for k, v in tokens.items()}, **{f"{split}_labels": labels})
+            stats[f"{split}_examples"] = len(labels)
+            stats["examples"] += len(labels)
+            stats["tokens"] += len(tokens["ids"])
+            stats["truncated"] += truncated
+        stats["bytes"] = sum(s["bytes"] for ss in sources.values() for s in ss)
+        counts = {split: np.bincount(ids, minlength=len(names)).tolist()
+                  for split, ids in (("train", train_ids), ("val", val_ids))}
+        meta = {"options": options, "tokenizer": {"path": str(tok_path), "sha256": tok_sha}, "special": special,
+                "labels": names, "label_counts": counts, "vocab_size": vocab_size, "dtype": dtype.__name__,
+                "sources": sources, "stats": stats}
+        return arrays, meta
+
+    path, arrays, meta, hit = load_or_build(
+        PIPELINE, {"options": options, "tokenizer_sha256": tok_sha, "sources": source_key(sources)}, build)
+
+    def split(name: str) -> Examples:
+        return Examples(arrays[f"{name}_ids"], arrays[f"{name}_offsets"], arrays[f"{name}_labels"],
+                        arrays.get(f"{name}_types"))
+
+    return PreparedData(path=path, train=split("train"), val=split("val") if meta["stats"]["val_examples"] else None,
+                        meta=meta, hit=hit)

@@ -1,21 +1,43 @@
 """Greedy generation: the KV-cache path against full recomputation and against transformers'
-`generate` on the same weights; early stop at eos; the length limit."""
+`generate` on the same weights (GPT-NeoX, and Llama / Qwen2 imported from save_pretrained directories);
+early stop at eos; the length limit."""
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from rafale.errors import UserError
 from rafale.generate import generate
+from rafale.models.composer import build_model
 from rafale.models.decoder import Decoder, DecoderConfig
 from rafale.models.hf_maps import GPT_NEOX, GPT_NEOX_CONFIG, rename
 
 N_NEW = 32
 
 
-@pytest.fixture(scope="module", params=["parallel-rot0.25", "sequential-rot1.0"])
-def pair(request):
+# Llama-family models through the import path; q/k/v biases (Qwen2) random so they matter.
+IMPORTED = {
+    "llama-gqa4": (LlamaForCausalLM, LlamaConfig, dict(num_attention_heads=8, num_key_value_heads=2, rope_theta=500.0)),
+    "qwen2-gqa2-bias": (Qwen2ForCausalLM, Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2)),
+}
+
+
+@pytest.fixture(scope="module", params=["parallel-rot0.25", "sequential-rot1.0", *IMPORTED])
+def pair(request, tmp_path_factory):
     """(HF model, rafale Decoder) sharing random weights, large enough init that argmax is not flat."""
+    if request.param in IMPORTED:
+        hf_cls, cfg_cls, kw = IMPORTED[request.param]
+        torch.manual_seed(0)
+        hf = hf_cls(cfg_cls(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                            max_position_embeddings=96, initializer_range=0.15, **kw)).eval()
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, 0.2)
+        path = tmp_path_factory.mktemp(request.param)
+        hf.save_pretrained(path)
+        return hf, build_model(None, init_from=str(path)).model.eval()
     kw = dict(vocab_size=1000, d_model=64, n_layers=3, n_heads=4, max_seq_len=96, init_std=0.15)
     if request.param == "sequential-rot1.0":
         kw.update(parallel_residual=False, rotary_pct=1.0, n_heads=2)

@@ -1,6 +1,7 @@
-"""rafale's Decoder against transformers' GPTNeoXForCausalLM on the same random weights (logits, loss,
-cached decoding), plus the Composer wrapper (loss, metrics, FSDP / checkpointing hooks, FLOPs) and
-presets."""
+"""rafale's Decoder against transformers on the same random weights: GPT-NeoX directly (logits, loss,
+cached decoding), and GPT-NeoX / Llama / Qwen2 / Mistral checkpoints written by save_pretrained and
+imported through model.init_from (GQA ratios, rope theta and llama3 scaling, tied heads, q/k/v biases,
+sharded files); plus the Composer wrapper (loss, metrics, FSDP / checkpointing hooks, FLOPs) and presets."""
 
 import math
 
@@ -8,11 +9,14 @@ import pytest
 import torch
 from composer.distributed.activation_checkpointing import generate_composer_model_check_fn
 from composer.distributed.fsdp2_utils import generate_composer_model_policy
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from rafale.errors import UserError
 from rafale.models.composer import CausalLM, build_model
-from rafale.models.decoder import Decoder, DecoderConfig, KVCache
+from rafale.models.decoder import Decoder, DecoderConfig, KVCache, rope_inv_freq
+from rafale.models.hf import hf_config
 from rafale.models.hf_maps import GPT_NEOX, GPT_NEOX_CONFIG, inverse, rename
 from rafale.models.presets import PRESETS, get_preset
 
@@ -222,3 +226,186 @@ def test_build_model_overrides_and_user_errors():
         build_model("pythia-micro", overrides={"n_heads": 5})
     with pytest.raises(UserError, match="60000 tokens"):
         build_model("pythia-micro", vocab_size=60000)
+
+
+# --- Llama / Qwen2 / Mistral, and HF checkpoints imported through model.init_from ---
+
+
+def randomize(model: torch.nn.Module, std: float = 0.15) -> None:
+    """Non-trivial values in every tensor (norm scales and biases too, which HF initializes to 1 / 0),
+    so a tensor loaded into the wrong place or not at all shows in the logits."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            mean = 1.0 if name.endswith("norm.weight") else 0.0
+            p.copy_(mean + torch.randn(p.shape, generator=g) * (std if p.dim() >= 2 else 0.1))
+
+
+def import_pair(hf_cls, hf_cfg, tmp_path, **save_kw):
+    """A random transformers model saved with save_pretrained, and rafale's import of that directory."""
+    torch.manual_seed(0)
+    hf = hf_cls(hf_cfg).eval()
+    randomize(hf)
+    hf.save_pretrained(tmp_path, **save_kw)
+    ours = build_model(None, init_from=str(tmp_path)).model.eval()
+    return hf, ours
+
+
+def llama(cls=LlamaConfig, **kw):
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=8,
+                max_position_embeddings=128, rms_norm_eps=1e-6, attention_dropout=0.0)
+    return cls(**{**base, **kw})
+
+
+def neox(**kw):
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128, attention_dropout=0.0, hidden_dropout=0.0)
+    return GPTNeoXConfig(**{**base, **kw})
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+
+# name -> (HF class, HF config, the rafale config fields the import must produce)
+IMPORTS = {
+    "neox-parallel-rot0.25-mha": (GPTNeoXForCausalLM, neox(), dict(parallel_residual=True, rotary_dim=4)),
+    "neox-sequential-rot1.0-tied-theta500": (
+        GPTNeoXForCausalLM, neox(use_parallel_residual=False, rotary_pct=1.0, tie_word_embeddings=True,
+                                 rotary_emb_base=500), dict(parallel_residual=False, tie_embeddings=True)),
+    "llama-mha-untied": (LlamaForCausalLM, llama(), dict(n_kv_heads=8, tie_embeddings=False, qkv_bias=False)),
+    "llama-gqa2-theta500": (LlamaForCausalLM, llama(num_key_value_heads=4, rope_theta=500.0), dict(n_kv_heads=4)),
+    "llama-gqa4-tied": (LlamaForCausalLM, llama(num_key_value_heads=2, tie_word_embeddings=True),
+                        dict(n_kv_heads=2, tie_embeddings=True)),
+    # head_dim 16: the frequencies fall in all three llama3 bands (kept, interpolated, slowed down).
+    "llama-gqa4-llama3-rope": (LlamaForCausalLM, llama(num_attention_heads=4, num_key_value_heads=1,
+                                                      rope_scaling=LLAMA3_ROPE), dict(n_kv_heads=1)),
+    "qwen2-gqa2-qkv-bias-tied-theta1e6": (
+        Qwen2ForCausalLM, llama(Qwen2Config, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=1e6),
+        dict(qkv_bias=True, bias=False, tie_embeddings=True)),
+    "qwen2-mha-untied": (Qwen2ForCausalLM, llama(Qwen2Config, num_attention_heads=4, num_key_value_heads=4),
+                         dict(qkv_bias=True, n_kv_heads=4)),
+    # A 64-token sliding window: exact for sequences up to 64, so the import caps max_seq_len there.
+    "mistral-gqa4-window64": (MistralForCausalLM, llama(MistralConfig, num_key_value_heads=2, sliding_window=64),
+                              dict(n_kv_heads=2, max_seq_len=64)),
+}
+
+
+@pytest.mark.parametrize("name", list(IMPORTS))
+def test_imported_hf_checkpoint_matches_transformers(name, tmp_path):
+    hf_cls, hf_cfg, expect = IMPORTS[name]
+    hf, ours = import_pair(hf_cls, hf_cfg, tmp_path)
+    for field_name, value in expect.items():
+        assert getattr(ours.cfg, field_name) == value, field_name
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
+    x = torch.randint(0, hf_cfg.vocab_size, (2, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(x, labels=x)
+        logits = ours(x)
+    diff = (logits - ref.logits).abs().max().item()
+    print(f"{name}: max |logits - HF| = {diff:.2e}")
+    assert ref.logits.std() > 0.5
+    assert diff <= TOL
+    assert torch.allclose(CausalLM.loss(None, logits, {"input_ids": x}), ref.loss, atol=1e-5, rtol=0)
+
+
+def test_sharded_checkpoint_imports(tmp_path):
+    hf, ours = import_pair(LlamaForCausalLM, llama(num_key_value_heads=2), tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+    x = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max() <= TOL
+
+
+def test_safetensors_file_with_a_preset(tmp_path):
+    """A lone .safetensors file takes its shape from model.preset: here gpt-micro's, saved by transformers."""
+    cfg = get_preset("gpt-micro")
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, bos_token_id=0, eos_token_id=0, dtype=torch.float32)))
+    randomize(hf.eval(), std=0.05)
+    hf.save_pretrained(tmp_path)
+    ours = build_model("gpt-micro", vocab_size=50277, init_from=str(tmp_path / "model.safetensors")).model.eval()
+    x = torch.randint(0, 50277, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max() <= TOL
+    with pytest.raises(UserError, match="model.safetensors does not fit the model.*wrong shapes"):
+        build_model("gpt-tiny", init_from=str(tmp_path / "model.safetensors"))
+
+
+def test_llama3_rope_frequencies_equal_transformers():
+    """Llama-3.2-1B's real rope settings: rafale's frequencies are transformers' to the bit."""
+    cfg = get_preset("llama-3.2-1b")
+    hf_cfg = LlamaConfig(**hf_config(cfg, bos_token_id=0, eos_token_id=0, dtype=torch.float32))
+    ref = LlamaRotaryEmbedding(hf_cfg).inv_freq
+    ours = rope_inv_freq(cfg)
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ours, rope_inv_freq(get_preset("llama-3.2-1b", {"rope_scaling": None})))
+
+
+def test_gqa_cached_chunks_match_full_forward(tmp_path):
+    hf, ours = import_pair(Qwen2ForCausalLM, llama(Qwen2Config, num_key_value_heads=2), tmp_path)
+    cfg = ours.cfg
+    x = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = KVCache(cfg, batch_size=2, max_len=24)
+        assert cache.k[0].shape == (2, 2, 24, cfg.head_dim)  # n_kv_heads, not n_heads
+        parts = [ours(x[:, :9], cache), ours(x[:, 9:16], cache)]
+        parts += [ours(x[:, t:t + 1], cache) for t in range(16, 24)]
+        chunked = torch.cat(parts, dim=1)
+        assert (chunked - ours(x)).abs().max() <= 1e-5
+        assert (chunked - hf(x).logits).abs().max() <= TOL
+
+
+def test_llama_style_meta_init_matches_eager_init():
+    cfg = get_preset("gpt-micro", {"rope_scaling": LLAMA3_ROPE})
+    eager = Decoder(cfg)
+    torch.manual_seed(6)
+    eager.apply(eager.param_init_fn)  # same RNG state for both: meta construction draws nothing
+    with torch.device("meta"):
+        lazy = Decoder(cfg)
+    lazy.to_empty(device="cpu")
+    lazy.embed_out.weight = lazy.embed_in.weight  # to_empty unties; Composer's meta init re-ties the same way
+    torch.manual_seed(6)
+    lazy.apply(lazy.param_init_fn)
+    assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), lazy.state_dict().values()))
+    assert torch.equal(eager.rope_cos, lazy.rope_cos)
+    assert torch.all(lazy.norm_f.weight == 1) and lazy.blocks[0].attn.qkv.bias is None
+
+
+def test_llama_style_hooks_and_flops():
+    model = build_model("gpt-micro")
+    blocks = list(model.model.blocks)
+    policy = generate_composer_model_policy(model)
+    assert [m for m in model.modules() if policy._lambda_fn(m)] == [model.model, *blocks]
+    check = generate_composer_model_check_fn(model)
+    assert [m for m in model.modules() if check(m)] == blocks
+    cfg = model.model.cfg
+    d, hs, nh, nkv, f, V, L = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+    assert (nh, nkv, f) == (4, 2, 192)
+    # Per layer: q (d x nh*hs), k and v (d x nkv*hs each), o, three SwiGLU matrices, two RMSNorm
+    # scales; then the final norm and the tied head, counted once.
+    n = L * (d * nh * hs + 2 * d * nkv * hs + nh * hs * d + 3 * d * f + 2 * d) + d + V * d
+    B, T = 2, 64
+    expected = B * (6 * n * T + 3 * L * 4 * nh * hs * T * T)
+    assert model.flops_per_batch({"input_ids": torch.zeros(B, T, dtype=torch.long)}) == expected
+
+
+def test_real_checkpoint_presets_have_the_published_shapes():
+    # (vocab, d_model, layers, heads, kv heads, d_ff, positions, rope theta, norm eps, tied, q/k/v bias)
+    # from each model's config.json on the HF hub.
+    published = {
+        "llama-3.2-1b": (128256, 2048, 16, 32, 8, 8192, 131072, 500000.0, 1e-5, True, False),
+        "qwen2.5-0.5b": (151936, 896, 24, 14, 2, 4864, 32768, 1000000.0, 1e-6, True, True),
+        "smollm2-135m": (49152, 576, 30, 9, 3, 1536, 8192, 100000.0, 1e-5, True, False),
+        "tinyllama-1.1b": (32000, 2048, 22, 32, 4, 5632, 2048, 10000.0, 1e-5, False, False),
+    }
+    for name, shape in published.items():
+        c = get_preset(name)
+        assert (c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.d_ff, c.max_seq_len, c.rope_theta,
+                c.norm_eps, c.tie_embeddings, c.qkv_bias) == shape, name
+        assert (c.norm, c.mlp, c.bias, c.rotary_pct, c.parallel_residual, c.head_dim) == \
+            ("rmsnorm", "swiglu", False, 1.0, False, 64)
+    assert get_preset("llama-3.2-1b").rope_scaling["factor"] == 32.0
+    # SmolLM2-135M has 134,515,008 parameters (tied head counted once).
+    with torch.device("meta"):
+        assert sum(p.numel() for p in Decoder(get_preset("smollm2-135m")).parameters()) == 134_515_008
+    assert build_model("gpt-tiny", overrides={"d_model": 256}).model.cfg.d_ff == 704  # 8/3 d, up to 64

@@ -1,5 +1,6 @@
 """`CausalLM`: the Composer wrapper around `Decoder` (next-token loss, eval metrics, FSDP and activation
-checkpointing hooks, a FLOP count for MFU), and `build_model`, which makes one from a preset name."""
+checkpointing hooks, a FLOP count for MFU), and `build_model`, which makes one from a preset name or
+an HF checkpoint (`init_from`, see models/hf.py)."""
 
 from typing import NamedTuple
 
@@ -11,7 +12,7 @@ from torchmetrics import Metric
 
 from rafale.errors import UserError
 from rafale.models.decoder import Block, Decoder, DecoderConfig
-from rafale.models.presets import get_preset
+from rafale.models.hf import load_weights, model_config
 
 IGNORE_INDEX = -100
 
@@ -116,11 +117,17 @@ class CausalLM(ComposerModel):
         return float(B * (6 * params * T + 3 * attn_flops_per_seq))
 
 
-def build_model(preset: str, vocab_size: int | None = None, overrides: dict | None = None) -> CausalLM:
-    """A randomly initialized model of the preset's shape with `overrides` applied. `vocab_size` is the
-    tokenizer's: the model's (often padded, e.g. 50304) embedding must have a row for every token id."""
-    cfg = get_preset(preset, overrides)
+def build_model(preset: str | None, vocab_size: int | None = None, overrides: dict | None = None,
+                init_from: str | None = None) -> CausalLM:
+    """A model of the preset's shape with `overrides` applied, randomly initialized; or, with `init_from`,
+    holding that checkpoint's weights: an HF model directory (its config.json gives the shape and the
+    preset is ignored) or a .safetensors file of the preset's shape. `vocab_size` is the tokenizer's:
+    the model's (often padded, e.g. 50304) embedding must have a row for every token id."""
+    cfg = model_config(preset, overrides, init_from)
     if vocab_size is not None and vocab_size > cfg.vocab_size:
-        raise UserError(f"the tokenizer has {vocab_size} tokens but model {preset!r} embeds only "
+        raise UserError(f"the tokenizer has {vocab_size} tokens but model {init_from or preset!r} embeds only "
                         f"{cfg.vocab_size}; use a tokenizer with at most {cfg.vocab_size} tokens")
-    return CausalLM(cfg)
+    model = CausalLM(cfg)
+    if init_from is not None:
+        load_weights(model.model, init_from)
+    return model

@@ -1,19 +1,20 @@
 """The decoder-only transformer, all of it in this file: config, attention with rotary and a KV cache,
 blocks, and the `Decoder` module that training (models/composer.py) and generation (generate.py) share.
 
-The style is GPT-NeoX / Pythia: LayerNorm, GELU MLP, partial rotary, fused per-head [q, k, v]
-projection, parallel residual, untied head. Parameter names map one to one onto transformers'
-`GPTNeoXForCausalLM` (see models/hf_maps.py), and the logits match it to float precision
-(test/test_models_parity.py).
+Two families are switches on one `DecoderConfig`, not two copies of the model:
 
-A Llama style is meant to be added as switches on `DecoderConfig`, not as a second copy of this file:
-the norm is built in `_norm`, the MLP in `MLP`, the q/k/v split in `Attention._split_qkv` (and the
-cache's head count); RMSNorm / SwiGLU / n_kv_heads / qkv bias each change one of them. Full rotary
-(rotary_pct=1.0) and tied embeddings are already switches.
+    GPT-NeoX / Pythia: LayerNorm, GELU MLP, partial rotary, parallel residual, biases everywhere
+    Llama ("gpt-*" presets), Mistral, Qwen2: RMSNorm, SwiGLU MLP, full rotary (Llama-3 frequency
+        scaling optional), grouped-query attention, sequential residual, no biases (Qwen2: q/k/v only)
+
+Parameter names map onto transformers' `GPTNeoXForCausalLM` / `LlamaForCausalLM` / `Qwen2ForCausalLM`
+through the literal tables in models/hf_maps.py (q/k/v are fused here, split there: models/hf.py),
+and the logits match transformers to float precision (test/test_models_parity.py).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,10 @@ from torch import nn
 from rafale.errors import UserError
 from rafale.models.losses import linear_cross_entropy
 
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
 
 @dataclass
 class DecoderConfig:
@@ -31,9 +36,17 @@ class DecoderConfig:
     n_layers: int
     n_heads: int
     max_seq_len: int
-    d_ff: int | None = None  # None: 4 * d_model
+    n_kv_heads: int | None = None  # None: n_heads (multi-head); fewer: grouped-query attention
+    d_ff: int | None = None  # None: 4 * d_model (gelu), 8/3 * d_model rounded up to 64 (swiglu)
+    norm: str = "layernorm"  # or "rmsnorm"
+    mlp: str = "gelu"  # "gelu": fc_out(gelu(fc_in(x))); "swiglu": fc_out(silu(fc_gate(x)) * fc_in(x))
+    bias: bool = True  # a bias on every Linear (NeoX); Llama has none
+    qkv_bias: bool | None = None  # None: same as `bias`; Qwen2 has q/k/v biases and no others
     rotary_pct: float = 0.25  # fraction of each head's dims that get rotary (the first ones)
     rope_theta: float = 10000.0
+    # None, or Llama 3.1's frequency scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} as in a Llama-3 config.json.
+    rope_scaling: dict | None = None
     parallel_residual: bool = True  # x + attn(ln1(x)) + mlp(ln2(x)), as GPT-J / Pythia
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -48,10 +61,28 @@ class DecoderConfig:
         if self.d_model % self.n_heads:
             raise UserError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
                             f"({self.n_heads})")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            raise UserError(f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads})")
+        if self.norm not in NORMS:
+            raise UserError(f"model.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.mlp not in MLPS:
+            raise UserError(f"model.mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
         if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
+            # SwiGLU has three matrices, not two: 8/3 d keeps the parameter count of a 4d GELU MLP
+            # (Llama rounds up to a multiple of 256; 64 keeps the CPU-sized presets small).
+            self.d_ff = 4 * self.d_model if self.mlp == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         if not 0.0 <= self.rotary_pct <= 1.0:
             raise UserError(f"model.rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type")
+            missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
+            if kind != "llama3" or missing:
+                raise UserError(f"model.rope_scaling: only rope_type llama3 with "
+                                f"{', '.join(LLAMA3_ROPE_KEYS)} is supported, got {self.rope_scaling}")
         self.head_dim = self.d_model // self.n_heads
         # int() truncation as in transformers' GPTNeoXAttention.rotary_ndims.
         self.rotary_dim = int(self.head_dim * self.rotary_pct)
@@ -64,13 +95,14 @@ class KVCache:
     """Keys and values of every layer for up to `max_len` positions, allocated once.
 
     `pos` is the number of positions already written; the next forward writes at [pos, pos + T)
-    and takes its rotary positions from there.
+    and takes its rotary positions from there. With grouped-query attention only the n_kv_heads
+    are stored: the cache is n_heads / n_kv_heads times smaller than the query side.
     """
 
     def __init__(self, cfg: DecoderConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         self.max_len = max_len or cfg.max_seq_len
-        shape = (batch_size, cfg.n_heads, self.max_len, cfg.head_dim)  # (B, nh, L, hs)
+        shape = (batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)  # (B, nkv, L, hs)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = 0
@@ -79,8 +111,44 @@ class KVCache:
         self.pos = 0
 
 
+class RMSNorm(nn.Module):
+    """As transformers' LlamaRMSNorm: normalized in fp32, cast back, then scaled (the order matters
+    in bf16, so torch's nn.RMSNorm, which scales before casting, is not used)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
 def _norm(cfg: DecoderConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
+    """(rotary_dim / 2,) rotation frequencies, with Llama 3.1's scaling when configured: wavelengths
+    longer than the original context are slowed down by `factor`, short ones kept, the band between
+    interpolated (transformers' `_compute_llama3_parameters`, same float32 arithmetic)."""
+    rd = cfg.rotary_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd)
+    if cfg.rope_scaling is None:
+        return inv_freq
+    s = cfg.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -102,16 +170,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_rep = cfg.n_heads // cfg.n_kv_heads  # query heads per key/value head
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def _split_qkv(self, qkv: torch.Tensor):
-        # GPT-NeoX layout: the fused output is per head [q_h, k_h, v_h], so HF's query_key_value weight
-        # loads as is. (B, T, 3C) -> (B, nh, T, 3hs) -> 3 x (B, nh, T, hs)
+        # One group per key/value head: [its n_rep query heads, its key, its value]. With n_rep = 1
+        # that is GPT-NeoX's per-head [q_h, k_h, v_h], so HF's query_key_value loads as is; Llama's
+        # separate q/k/v_proj are interleaved into it on import (models/hf.py). Query head h reads
+        # key/value head h // n_rep, as transformers' repeat_kv pairs them.
         B, T, _ = qkv.shape
-        qkv = qkv.view(B, T, self.n_heads, 3 * self.head_dim).transpose(1, 2)
-        return qkv.chunk(3, dim=-1)
+        qkv = qkv.view(B, T, self.n_kv_heads, self.n_rep + 2, self.head_dim)
+        q = qkv[:, :, :, :self.n_rep].reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = qkv[:, :, :, -2].transpose(1, 2)  # (B, nkv, T, hs)
+        v = qkv[:, :, :, -1].transpose(1, 2)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
@@ -120,13 +194,17 @@ class Attention(nn.Module):
         [pos, pos + T) and attention runs over [0, pos + T). `mask` is None exactly when plain causal
         masking is right: no prefix (pos == 0) or a single query that sees everything before it."""
         B, T, C = x.shape
-        q, k, v = self._split_qkv(self.qkv(x))  # (B, nh, T, hs)
+        q, k, v = self._split_qkv(self.qkv(x))  # (B, nh, T, hs), (B, nkv, T, hs) x 2
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:
             k_buf, v_buf = kv
             k_buf[:, :, pos:pos + T] = k
             v_buf[:, :, pos:pos + T] = v
-            k, v = k_buf[:, :, :pos + T], v_buf[:, :, :pos + T]  # (B, nh, pos+T, hs)
+            k, v = k_buf[:, :, :pos + T], v_buf[:, :, :pos + T]  # (B, nkv, pos+T, hs)
+        if self.n_rep > 1:
+            # SDPA's enable_gqa would skip this copy, but in torch 2.7 only its flash and math kernels
+            # take it (fp32 on a GPU would fall back to math, O(T^2) memory); expanding keeps them all.
+            k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
         return self.proj(y)
@@ -135,10 +213,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff)
-        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.swiglu = cfg.mlp == "swiglu"
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)  # SwiGLU's "up"
+        if self.swiglu:
+            self.fc_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)  # SwiGLU's "down"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.fc_out(F.silu(self.fc_gate(x)) * self.fc_in(x))
         # Exact erf GELU: transformers' "gelu", which Pythia uses (not the tanh approximation).
         return self.fc_out(F.gelu(self.fc_in(x)))
 
@@ -193,10 +276,12 @@ class Decoder(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
         elif module is self:
-            rd, theta = self.cfg.rotary_dim, self.cfg.rope_theta
-            inv_freq = 1.0 / theta ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd)  # (rd/2,)
-            freqs = torch.outer(torch.arange(self.cfg.max_seq_len, dtype=torch.float32), inv_freq)
+            inv_freq = rope_inv_freq(self.cfg).to(self.rope_cos.device)  # (rd/2,)
+            positions = torch.arange(self.cfg.max_seq_len, dtype=torch.float32, device=inv_freq.device)
+            freqs = torch.outer(positions, inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, rd)
             self.rope_cos.copy_(emb.cos())
             self.rope_sin.copy_(emb.sin())

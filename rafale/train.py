@@ -56,6 +56,9 @@ def build_model(cfg: Config, vocab_size: int, meta: dict | None = None) -> Causa
     overrides = {k: getattr(m, k) for k in ("n_layers", "n_heads", "d_model", "d_ff", "max_seq_len")
                  if getattr(m, k) is not None}
     if cfg.data.pipeline != "causal_lm":
+        if meta is None:  # generation: the only caller without the data's meta
+            raise UserError(f"this is a {cfg.data.pipeline} run: an encoder does not generate text; use "
+                            f"`rafale eval` or `rafale export` on it")
         model = build_encoder_model(cfg.data.pipeline, m.preset, vocab_size, meta["special"]["pad"][1],
                                     labels=meta.get("labels"), overrides=overrides, init_from=m.init_from)
     elif m.preset in ENCODER_PRESETS and m.init_from is None:

@@ -35,3 +35,24 @@ def read_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
         # weights_only=False: Composer pickles its training state; this is our own run's file.
         state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
     return state["state"]["model"]
+
+
+def checkpoint_weights(ckpt: Path, expected: dict[str, torch.Tensor], skip: set[str] = frozenset()
+                       ) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    """The network's tensors from a checkpoint, by the names and shapes of `expected` (a state dict
+    of the run's model, e.g. built on the meta device), minus `skip`; and their one dtype.
+    A name or shape that differs means config.yaml no longer describes the checkpoint."""
+    state = read_model_state(ckpt)  # memory-mapped: tensors are read as they are used
+    weights, dtypes = {}, set()
+    for name, meta in expected.items():
+        if name in skip:
+            continue
+        tensor = state.get(f"model.{name}")
+        if tensor is None or tensor.shape != meta.shape:
+            raise UserError(f"checkpoint {Path(ckpt).name} does not match the run's config.yaml ({name}: "
+                            f"{None if tensor is None else tuple(tensor.shape)} vs {tuple(meta.shape)}); "
+                            f"was config.yaml edited?")
+        weights[name] = tensor
+        dtypes.add(tensor.dtype)
+    assert len(dtypes) == 1, dtypes
+    return weights, dtypes.pop()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rafale import runs
-from rafale.checkpoints import read_model_state
+from rafale.checkpoints import checkpoint_weights
 from rafale.errors import UserError
 from rafale.inference import load_run_config
 from rafale.models.hf import HEAD, family_of, hf_config, save_weights
@@ -64,23 +64,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 
         skeleton = build_model(cfg, tokenizer.get_vocab_size()).model
     dcfg = skeleton.cfg
     family_of(dcfg)  # a model with no transformers architecture fails here, before anything is written
-    state = read_model_state(ckpt)  # memory-mapped: tensors are read as they are written out
-    weights, dtypes = {}, set()
-    for name, meta in skeleton.state_dict().items():
-        if dcfg.tie_embeddings and name == HEAD:
-            continue  # transformers re-ties it from the embedding
-        tensor = state.get(f"model.{name}")
-        if tensor is None or tensor.shape != meta.shape:
-            raise UserError(f"--run {run_dir}: checkpoint {ckpt.name} does not match the run's config.yaml "
-                            f"({name}: {None if tensor is None else tuple(tensor.shape)} vs {tuple(meta.shape)}); "
-                            f"was config.yaml edited?")
-        weights[name] = tensor
-        dtypes.add(tensor.dtype)
-    assert len(dtypes) == 1, dtypes
+    # transformers re-ties a tied head from the embedding, so it is not written
+    weights, dtype = checkpoint_weights(ckpt, skeleton.state_dict(), skip={HEAD} if dcfg.tie_embeddings else set())
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(dcfg, weights, out_dir, max_shard_bytes)
-    config = hf_config(dcfg, bos_token_id=eos_id, eos_token_id=eos_id, dtype=dtypes.pop())
+    config = hf_config(dcfg, bos_token_id=eos_id, eos_token_id=eos_id, dtype=dtype)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.copyfile(tok_path, out_dir / "tokenizer.json")
     # rafale's data pipeline puts the eos token between documents and adds no bos, so the separator

@@ -2,10 +2,8 @@
 
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer
 
-from rafale import runs
 from rafale.config import Config, from_dict
 from rafale.errors import UserError
 from rafale.paths import resolve_tokenizer

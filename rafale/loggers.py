@@ -140,11 +140,9 @@ class RichProgress(LoggerDestination):
     def eval_end(self, state: State, logger: Logger) -> None:
         self._line(state, "eval")
 
-    def fit_end(self, state: State, logger: Logger) -> None:
-        self._line(state, "done")
-        self.close(state, logger)
-
     def close(self, state: State, logger: Logger) -> None:
+        # After the end-of-training eval, so the line shows the final validation loss.
+        self._line(state, "done")
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

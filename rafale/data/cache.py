@@ -64,6 +64,15 @@ def _describe(path: Path) -> dict:
     return {"path": str(path), "bytes": size, "sha256": digest}
 
 
+def resolve_inputs(train, val, tokenizer: str, key_prefix: str):
+    """A pipeline's config strings resolved: (paths per split, tokenizer.json path, its bytes,
+    the described sources for the key and meta). Shared by every pipeline."""
+    paths = {"train": pipelines.list_sources(train, f"{key_prefix}.train"),
+             "val": pipelines.list_sources(val, f"{key_prefix}.val") if val is not None else []}
+    tok_path = resolve_tokenizer(tokenizer, f"{key_prefix}.tokenizer")
+    return paths, tok_path, tok_path.read_bytes(), describe_sources(paths)
+
+
 def describe_sources(paths: dict[str, list[Path]]) -> dict[str, list[dict]]:
     """Per split, each file's path, size and sha256 (the sha256s go into the key, the rest into meta)."""
     return {split: [_describe(p) for p in ps] for split, ps in paths.items()}
@@ -110,11 +119,7 @@ def prepare_causal_lm(train: str | list[str], tokenizer: str, max_seq_len: int,
     if max_seq_len < 2:
         raise UserError(f"{key_prefix}.max_seq_len: must be at least 2 (a block holds the inputs and "
                         f"their next-token targets), got {max_seq_len}")
-    paths = {"train": pipelines.list_sources(train, f"{key_prefix}.train"),
-             "val": pipelines.list_sources(val, f"{key_prefix}.val") if val is not None else []}
-    tok_path = resolve_tokenizer(tokenizer, f"{key_prefix}.tokenizer")
-    tok_bytes = tok_path.read_bytes()
-    sources = describe_sources(paths)
+    paths, tok_path, tok_bytes, sources = resolve_inputs(train, val, tokenizer, key_prefix)
     # With explicit val files, val_fraction plays no part, so it stays out of the key.
     options = {"doc_separator": doc_separator, "eos_token": eos_token, "max_seq_len": max_seq_len,
                "val_fraction": None if paths["val"] else val_fraction}

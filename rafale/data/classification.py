@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from rafale.data import pipelines
-from rafale.data.cache import PreparedData, describe_sources, load_or_build, source_key
+from rafale.data.cache import PreparedData, load_or_build, resolve_inputs, source_key
 from rafale.errors import UserError
-from rafale.paths import resolve_tokenizer
 
 PIPELINE = "classification"
 FORMATS = (".jsonl", ".csv", ".tsv", ".parquet")
@@ -152,12 +151,8 @@ def prepare_classification(train: str | list[str], tokenizer: str, max_seq_len: 
     """The tokenized, labelled examples of these tables, from the cache or built now."""
     if max_seq_len < 3:
         raise UserError(f"{key_prefix}.max_seq_len: must be at least 3 ([CLS], text, [SEP]), got {max_seq_len}")
-    paths = {"train": pipelines.list_sources(train, f"{key_prefix}.train"),
-             "val": pipelines.list_sources(val, f"{key_prefix}.val") if val is not None else []}
-    tok_path = resolve_tokenizer(tokenizer, f"{key_prefix}.tokenizer")
-    tok_bytes = tok_path.read_bytes()
+    paths, tok_path, tok_bytes, sources = resolve_inputs(train, val, tokenizer, key_prefix)
     tok_sha = hashlib.sha256(tok_bytes).hexdigest()
-    sources = describe_sources(paths)
     fields = {"text_field": text_field, "text_pair_field": text_pair_field, "label_field": label_field}
     options = {**fields, "max_seq_len": max_seq_len, "val_fraction": None if paths["val"] else val_fraction}
 

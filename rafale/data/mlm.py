@@ -16,9 +16,8 @@ import hashlib
 import numpy as np
 
 from rafale.data import pipelines
-from rafale.data.cache import PreparedData, describe_sources, load_or_build, source_key
+from rafale.data.cache import PreparedData, load_or_build, resolve_inputs, source_key
 from rafale.errors import UserError
-from rafale.paths import resolve_tokenizer
 
 PIPELINE = "mlm"
 
@@ -43,12 +42,8 @@ def prepare_mlm(train: str | list[str], tokenizer: str, max_seq_len: int, val: s
     if max_seq_len < 3:
         raise UserError(f"{key_prefix}.max_seq_len: must be at least 3 (a block holds [CLS], text and [SEP]), "
                         f"got {max_seq_len}")
-    paths = {"train": pipelines.list_sources(train, f"{key_prefix}.train"),
-             "val": pipelines.list_sources(val, f"{key_prefix}.val") if val is not None else []}
-    tok_path = resolve_tokenizer(tokenizer, f"{key_prefix}.tokenizer")
-    tok_bytes = tok_path.read_bytes()
+    paths, tok_path, tok_bytes, sources = resolve_inputs(train, val, tokenizer, key_prefix)
     tok_sha = hashlib.sha256(tok_bytes).hexdigest()
-    sources = describe_sources(paths)
     options = {"doc_separator": doc_separator, "max_seq_len": max_seq_len,
                "val_fraction": None if paths["val"] else val_fraction}
 

@@ -297,7 +297,7 @@ def export_encoder(cfg, ckpt: Path, out_dir: Path, max_shard_bytes: int) -> Path
     export.py, has checked the run and `out_dir`)."""
     from tokenizers import Tokenizer
 
-    from rafale.checkpoints import read_model_state
+    from rafale.checkpoints import checkpoint_weights
     from rafale.data.pipelines import special_tokens
     from rafale.paths import resolve_tokenizer
     from rafale.train import build_data, build_model
@@ -307,25 +307,13 @@ def export_encoder(cfg, ckpt: Path, out_dir: Path, max_shard_bytes: int) -> Path
     with torch.device("meta"):
         net = build_model(cfg, data.meta["vocab_size"], data.meta).model
     task, ecfg = task_of(net), net.cfg
-    state = read_model_state(ckpt)
-    weights, dtypes = {}, set()
-    for name, meta in net.state_dict().items():
-        if name == TIED:
-            continue
-        tensor = state.get(f"model.{name}")
-        if tensor is None or tensor.shape != meta.shape:
-            raise UserError(f"checkpoint {ckpt.name} does not match the run's config.yaml ({name}: "
-                            f"{None if tensor is None else tuple(tensor.shape)} vs {tuple(meta.shape)}); "
-                            f"was config.yaml edited?")
-        weights[name] = tensor
-        dtypes.add(tensor.dtype)
-    assert len(dtypes) == 1, dtypes
+    weights, dtype = checkpoint_weights(ckpt, net.state_dict(), skip={TIED})
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(ecfg, weights, out_dir, max_shard_bytes, convert=functools.partial(to_hf, task))
     tok_path = resolve_tokenizer(cfg.data.tokenizer)
     special = special_tokens(Tokenizer.from_file(str(tok_path)), "data.tokenizer", tok_path)
     ids = (special["cls"][1], special["sep"][1]) if ecfg.family == "roberta" else (None, None)
-    config = hf_encoder_config(ecfg, task, dtypes.pop(), labels, *ids)
+    config = hf_encoder_config(ecfg, task, dtype, labels, *ids)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "tokenizer.json").write_bytes(tok_path.read_bytes())
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ecfg.max_seq_len,

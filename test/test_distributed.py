@@ -135,3 +135,19 @@ def test_sigterm_checkpoints_exits_75_and_relaunch_finishes_identically(config, 
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming preempted run" in resumed.stdout
     assert _losses(tmp_path) == reference_losses  # same process count: bit for bit
+
+
+def test_llama_style_decoder_trains_under_fsdp2_and_its_shards_load_back(config, tmp_path):
+    args = ["train", "-c", str(config), "train.parallelism.strategy=fsdp", "model.preset=gpt-micro",
+            "train.max_duration=4ba", "--nproc", "2"]
+    result = run_cli(*args, home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = _run_dir(tmp_path)
+    assert (run_dir / "checkpoints" / "latest-rank0.pt").resolve().is_dir()
+    losses = _losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
+    # Consolidated from the shards into the single-process model, then greedy decoding.
+    gen = run_cli("generate", "--run", str(run_dir), "--prompt", "KING:", "--max-new-tokens", "4", "--json",
+                  home=tmp_path)
+    assert gen.returncode == 0, gen.stderr
+    assert len(json.loads(gen.stdout)["output_ids"]) == 4

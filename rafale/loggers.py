@@ -88,6 +88,7 @@ class RichProgress(LoggerDestination):
         self.values: dict[str, float] = {}
         self.progress = None
         self.task = None
+        self.finished = False
 
     def _enabled(self) -> bool:
         return dist.get_global_rank() == 0
@@ -140,9 +141,14 @@ class RichProgress(LoggerDestination):
     def eval_end(self, state: State, logger: Logger) -> None:
         self._line(state, "eval")
 
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.finished = True
+
     def close(self, state: State, logger: Logger) -> None:
-        # After the end-of-training eval, so the line shows the final validation loss.
-        self._line(state, "done")
+        # After the end-of-training eval, so the line shows the final validation loss; once.
+        if self.finished:
+            self.finished = False
+            self._line(state, "done")
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -1,11 +1,16 @@
-"""Draws media/bench.png from bench/results.json: one bar per comparison, rafale / alternative,
-oriented so that right of 1 means rafale is better (times and memory are inverted)."""
+"""Draws media/bench.png from bench/results.json: one panel per workload, rafale's bar beside each
+alternative's, in the workload's own unit, with the ratio rafale / alternative over each alternative."""
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def fmt(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
 
 
 def draw(results: Path, out: Path = REPO / "media" / "bench.png") -> Path:
@@ -15,29 +20,35 @@ def draw(results: Path, out: Path = REPO / "media" / "bench.png") -> Path:
     import matplotlib.pyplot as plt
 
     data = json.loads(Path(results).read_text())
-    rows = [r for r in data["rows"] if r["alt"]]
-    labels, values = [], []
-    for r in rows:
-        advantage = r["ratio"] if r["higher_is_better"] else 1 / r["ratio"]
-        labels.append(f"{r['workload']}\nvs {r['alternative']}")
-        values.append(advantage)
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.4))
-    y = range(len(rows))[::-1]
-    colors = ["#2a7ab9" if v >= 1 else "#c44e52" for v in values]
-    ax.barh(list(y), values, color=colors)
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    for yi, v in zip(y, values):
-        ax.text(v, yi, f" {v:.2f}x", va="center", fontsize=8)
-    ax.set_yticks(list(y), labels, fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("rafale's advantage (x, log scale; > 1: rafale faster / smaller)")
+    panels: dict[str, list[dict]] = {}
+    for r in data["rows"]:
+        panels.setdefault(r["workload"], []).append(r)
+    cols = 3
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
+    for ax, (workload, rows) in zip(axes.flat, panels.items()):
+        names = ["rafale"] + [r["alternative"] for r in rows]
+        values = [rows[0]["rafale"]] + [r["alt"] for r in rows]
+        bars = ax.bar(range(len(values)), values, color=["#2a7ab9"] + ["#9a9a9a"] * len(rows))
+        for i, (bar, v) in enumerate(zip(bars, values)):
+            text = fmt(v) if i == 0 else f"{fmt(v)}\n(rafale {rows[i - 1]['ratio']:.2f}x)"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize=7)
+        ax.set_xticks(range(len(values)), [textwrap.fill(n, 18, break_long_words=False) for n in names],
+                      fontsize=6.5)
+        better = "higher is better" if rows[0]["higher_is_better"] else "lower is better"
+        ax.set_ylabel(f"{rows[0]['metric']} ({better})", fontsize=8)
+        ax.set_ylim(0, max(values) * 1.3)
+        ax.set_title(textwrap.fill(workload, 50), fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     m = data["machine"]
-    ax.set_title(f"rafale vs alternatives, same work, same run ({data['date']})\n"
-                 f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m['device']}",
-                 fontsize=9)
+    fig.suptitle(f"rafale vs alternatives, same work, same run ({data['date']}): {m['cpu']}, {m['cores']} cores, "
+                 f"torch {m['torch']} with {m['torch_threads']} threads, {m['device']}", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 

@@ -1,7 +1,7 @@
 """rafale's benchmarks, side by side with the alternatives on the same work in the same run.
 
-    python bench/run.py            # full: about 30 minutes on 2 CPU cores
-    python bench/run.py --quick    # fewer repetitions and steps: a few minutes
+    python bench/run.py            # full: about 10 minutes on an idle 2-core CPU
+    python bench/run.py --quick    # fewer repetitions and steps: about 5 minutes
     python bench/run.py --only train,generation --plot
 
 Prints one table (workload, rafale's figure, the alternative's, ratio = rafale / alternative, the

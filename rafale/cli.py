@@ -89,6 +89,7 @@ def _cmd_config(args, mode: str) -> int:
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
     from rafale import train
+    from rafale.monitoring import Diverged
 
     if mode == "prepare":
         train.prepare(cfg)
@@ -99,7 +100,7 @@ def _cmd_config(args, mode: str) -> int:
         return _launch(args)
     try:
         run_dir = train.train(cfg, force=_env_flag("FORCE"))
-    except train.Diverged as e:
+    except Diverged as e:
         print(f"rafale: diverged: {e}", file=sys.stderr)
         return 1
     except train.Preempted as e:

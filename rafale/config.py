@@ -131,6 +131,30 @@ class TrainSection:
     load_mode: Literal["full", "weights", "weights_optimizer"] = "weights"
 
 
+LOGGERS = ("console", "file", "tensorboard", "wandb", "mlflow")
+
+
+@dataclass
+class MonitorSection:
+    """What a run reports and watches. None of it changes the numbers, so none of it is in the hash."""
+    # Composer loggers on top of metrics.jsonl (always written): console (plain metric lines every
+    # console_interval, for batch-job logs), file (a text log per launch in the run dir), tensorboard
+    # (run_dir/tensorboard), wandb (offline in run_dir/wandb unless WANDB_MODE says otherwise), mlflow
+    # (a local store in run_dir/mlruns). None needs a network.
+    loggers: list[str] = field(default_factory=list)
+    console_interval: str = "10ba"
+    progress: bool = True  # the live progress bar (plain lines when there is no terminal)
+    grad_norm_interval: int = 10  # steps between gradient-norm logs (l2_norm/grad/global); 0: off
+    memory: bool = False  # log memory each step: CUDA allocator stats on GPU, process peak RSS on CPU
+    profile_steps: int = 0  # > 0: torch.profiler traces of this many steps (after 2 warm-up steps) in run_dir/profile
+    # Stop the run when the loss exceeds loss_spike_factor x the median of the previous
+    # loss_spike_window steps for loss_spike_patience steps in a row (null: never). A NaN or
+    # infinite loss always stops it.
+    loss_spike_factor: Optional[float] = None
+    loss_spike_window: int = 50
+    loss_spike_patience: int = 3
+
+
 @dataclass
 class DebugSection:
     steps: int = 60  # optimizer steps on the one fixed batch
@@ -145,6 +169,7 @@ class Config:
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
     debug: DebugSection = field(default_factory=DebugSection)
 
     def to_dict(self) -> dict:
@@ -154,11 +179,12 @@ class Config:
         """A short hash of the fields that change results: names the run directory.
 
         Left out: the run name (already in the directory name) and keys that only change how
-        often we look at or save the run, or how a batch is split into micro-batches.
+        often we look at or save the run, what it reports, or how a batch is split into micro-batches.
         """
         d = self.to_dict()
         d["run"].pop("name")
         d.pop("debug")
+        d.pop("monitor")
         for key in ("eval_interval", "save_interval", "device_microbatch_size", "keep_checkpoints"):
             d["train"].pop(key)
         blob = json.dumps(d, sort_keys=True).encode()
@@ -208,8 +234,31 @@ def _validate_values(cfg: Config) -> None:
         problems.append(f"train.device_microbatch_size: {cfg.train.device_microbatch_size} must divide "
                         f"train.global_batch_size ({cfg.train.global_batch_size})")
     problems += _data_problems(cfg.data)
+    problems += _monitor_problems(cfg.monitor)
     if problems:
         raise UserError("; ".join(problems))
+
+
+def _monitor_problems(m: MonitorSection) -> list[str]:
+    problems = []
+    unknown = [name for name in m.loggers if name not in LOGGERS]
+    if unknown:
+        problems.append(f"monitor.loggers: unknown {unknown}; choose from {', '.join(LOGGERS)}")
+    if len(set(m.loggers)) != len(m.loggers):
+        problems.append(f"monitor.loggers: {m.loggers} names a logger twice")
+    if not re.match(r"^[1-9]\d*(ba|ep)$", m.console_interval):
+        problems.append(f"monitor.console_interval: expected steps or epochs like 10ba or 1ep, got "
+                        f"'{m.console_interval}'")
+    for key in ("grad_norm_interval", "profile_steps"):
+        if getattr(m, key) < 0:
+            problems.append(f"monitor.{key}: must be >= 0, got {getattr(m, key)}")
+    if m.loss_spike_factor is not None and m.loss_spike_factor <= 1:
+        problems.append(f"monitor.loss_spike_factor: must be > 1 (or null to disable), got {m.loss_spike_factor}")
+    if m.loss_spike_window < 2:
+        problems.append(f"monitor.loss_spike_window: must be >= 2, got {m.loss_spike_window}")
+    if m.loss_spike_patience < 1:
+        problems.append(f"monitor.loss_spike_patience: must be >= 1, got {m.loss_spike_patience}")
+    return problems
 
 
 # ---- typed conversion of plain YAML data into the dataclasses ----

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from composer import Trainer
 from composer.algorithms import GradientClipping
-from composer.callbacks import LRMonitor, OptimizerMonitor, SpeedMonitor
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
@@ -20,7 +19,7 @@ from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarm
 from composer.utils import dist, get_device, reproducibility
 from composer.utils.misc import create_interval_scheduler
 
-from rafale import runs
+from rafale import patches, runs
 from rafale.config import Config, save_config
 from rafale.data.cache import PreparedData, prepare_causal_lm
 from rafale.data.classification import prepare_classification
@@ -28,12 +27,14 @@ from rafale.data.collators import for_pipeline
 from rafale.data.loaders import build_dataloader
 from rafale.data.mlm import prepare_mlm
 from rafale.errors import UserError
-from rafale.loggers import JsonlLogger, RichProgress
 from rafale.models.composer import CausalLM, build_model as build_causal_lm
 from rafale.models.encoder_heads import build_encoder_model
 from rafale.models.encoder_presets import ENCODER_PRESETS
+from rafale.monitoring import build_callbacks, build_loggers, build_profiler
 from rafale.optim import InverseSqrtWithWarmupScheduler, Lion, WSDScheduler
 from rafale.preemption import Preemption
+
+patches.apply()
 
 
 def build_data(cfg: Config) -> PreparedData:
@@ -152,22 +153,39 @@ def build_parallelism(cfg: Config, model: CausalLM) -> dict | None:
 
             apply_activation_checkpointing(model.model, check_fn=model.activation_checkpointing_fn)
         return None
+    if p.strategy == "hsdp" and not torch.cuda.is_available():
+        # torch 2.7's FSDP2 averages across replica groups with ReduceOp.AVG, which gloo lacks, and
+        # asserts a device event after it, which CPU streams do not record.
+        raise UserError("train.parallelism.strategy: hsdp needs GPUs (torch's FSDP2 cannot run HSDP on "
+                        "CPU processes); use fsdp or ddp here")
+    if p.strategy == "hsdp" and (p.replicas < 2 or world % p.replicas):
+        raise UserError(f"train.parallelism.replicas: hsdp needs >= 2 replica groups dividing the "
+                        f"{world} processes, got {p.replicas}")
+    replicas = p.replicas if p.strategy == "hsdp" else None
+    # Composer takes an FSDP2Config under the "fsdp" key (a dict there would mean FSDP1, which needs CUDA).
+    return {"fsdp": _fsdp2_config(replicas)(reshard_after_forward=p.reshard_after_forward,
+                                            activation_checkpointing=p.activation_checkpointing,
+                                            activation_cpu_offload=p.activation_cpu_offload,
+                                            mixed_precision=p.mixed_precision)}
+
+
+def _fsdp2_config(replicas: int | None):
+    """Composer's FSDP2Config, with `replicas` replica groups for HSDP.
+
+    Composer 0.32 builds the device mesh from the config's data_parallel_replicate_degree (always None
+    in FSDP2Config) and overwrites any device_mesh passed in, so HSDP silently became FSDP over all
+    ranks. Reporting the degree makes Composer build the (replicate, shard) mesh itself."""
     from composer.utils.parallelism import FSDP2Config
 
-    mesh = None
-    if p.strategy == "hsdp":
-        if p.replicas < 2 or world % p.replicas:
-            raise UserError(f"train.parallelism.replicas: hsdp needs >= 2 replica groups dividing the "
-                            f"{world} processes, got {p.replicas}")
-        from torch.distributed.device_mesh import init_device_mesh
+    if replicas is None:
+        return FSDP2Config
 
-        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (p.replicas, world // p.replicas),
-                                mesh_dim_names=("dp_replicate", "dp_shard"))
-    # Composer takes an FSDP2Config under the "fsdp" key (a dict there would mean FSDP1, which needs CUDA).
-    return {"fsdp": FSDP2Config(device_mesh=mesh, reshard_after_forward=p.reshard_after_forward,
-                                 activation_checkpointing=p.activation_checkpointing,
-                                 activation_cpu_offload=p.activation_cpu_offload,
-                                 mixed_precision=p.mixed_precision)}
+    class HybridShardConfig(FSDP2Config):
+        @property
+        def data_parallel_replicate_degree(self) -> int:
+            return replicas
+
+    return HybridShardConfig
 
 
 def checkpoint_to_load(cfg: Config) -> dict:
@@ -210,13 +228,8 @@ def build_trainer(cfg: Config, model: CausalLM, data: PreparedData, run_dir: Pat
                                        seed=cfg.run.seed, drop_last=False)
     parallelism = build_parallelism(cfg, model)
     optimizer = build_optimizer(cfg, model)
-    loggers = [RichProgress(t.max_duration)]
-    # Grad norms every 10 steps (metrics.jsonl: l2_norm/grad/global), lr, tokens/s; stop on NaN loss.
-    callbacks = [LRMonitor(), SpeedMonitor(window_size=10), DivergenceGuard(),
-                 OptimizerMonitor(log_optimizer_metrics=False, batch_log_interval=10), *extra_callbacks]
     checkpointing = {}
     if run_dir is not None:
-        loggers.append(JsonlLogger(run_dir / runs.METRICS_FILE))
         save_interval = create_interval_scheduler(t.save_interval)
         preemption = next((c for c in extra_callbacks if isinstance(c, Preemption)), None)
         if preemption is not None:
@@ -238,8 +251,9 @@ def build_trainer(cfg: Config, model: CausalLM, data: PreparedData, run_dir: Pat
         precision=resolve_precision(t.precision),
         parallelism_config=parallelism,
         compile_config={} if t.compile else None,
-        loggers=loggers,
-        callbacks=callbacks,
+        loggers=build_loggers(cfg, run_dir),
+        callbacks=[*build_callbacks(cfg), *extra_callbacks],
+        profiler=build_profiler(cfg, run_dir),
         progress_bar=False,
         log_to_console=False,
         run_name=run_dir.name if run_dir is not None else "debug",
@@ -248,38 +262,8 @@ def build_trainer(cfg: Config, model: CausalLM, data: PreparedData, run_dir: Pat
     )
 
 
-class Diverged(Exception):
-    """The training loss became NaN or infinite; the run is marked failed and the CLI exits 1."""
-
-
-class DivergenceGuard(Callback):
-    """Stops at the first non-finite loss with a message that says what to try (Composer's
-    NaNMonitor raises a bare RuntimeError and misses infinities)."""
-
-    def after_loss(self, state: State, logger: Logger) -> None:
-        if not torch.isfinite(state.loss).all():
-            raise Diverged(f"the training loss is {float(state.loss)} at step {int(state.timestamp.batch) + 1}; "
-                           f"lower optim.lr, keep train.clip_norm, or use fp32")
-
-
 class Preempted(Exception):
     """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint; the CLI exits 75."""
-
-
-def _per_node_signal_file_name(original):
-    """Composer 0.32 broadcasts rank 0's name for its per-node signal files ("._signal_file_node0_x"),
-    so nodes sharing a filesystem (NFS, Lustre, or two launchers on one machine) create and delete
-    the same file and crash on autoresume. Suffixing this node's rank keeps each node to its own file."""
-
-    def name(*args, **kwargs) -> str:
-        return f"{original(*args, **kwargs)}_on{dist.get_node_rank()}"
-
-    name.rafale_patched = True
-    return name
-
-
-if not getattr(dist.get_node_signal_file_name, "rafale_patched", False):
-    dist.get_node_signal_file_name = _per_node_signal_file_name(dist.get_node_signal_file_name)
 
 
 def _start_distributed() -> None:

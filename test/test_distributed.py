@@ -151,3 +151,38 @@ def test_llama_style_decoder_trains_under_fsdp2_and_its_shards_load_back(config,
                   home=tmp_path)
     assert gen.returncode == 0, gen.stderr
     assert len(json.loads(gen.stdout)["output_ids"]) == 4
+
+
+
+HSDP_PROBE = """
+import json, sys
+from composer import Trainer
+from composer.utils import dist
+from rafale import train
+from rafale.models.composer import build_model
+
+model = build_model("pythia-micro", vocab_size=128, overrides={"n_layers": 1})
+trainer = Trainer(model=model, parallelism_config={"fsdp": train._fsdp2_config(replicas=2)()}, device="cpu")
+weight = trainer.state.model.model.embed_in.weight
+with open(f"{sys.argv[1]}/rank{dist.get_global_rank()}.json", "w") as f:
+    json.dump({"mesh": weight.device_mesh.mesh.tolist(), "names": list(weight.device_mesh.mesh_dim_names),
+               "placements": [str(p) for p in weight.placements], "local_rows": weight.to_local().shape[0],
+               "rows": weight.shape[0]}, f)
+"""
+
+
+def test_hsdp_builds_a_replicate_by_shard_mesh(tmp_path):
+    """HSDP's layout on 4 processes: 2 replica groups, each sharding the weights over 2 processes.
+    (Training under HSDP needs GPUs: torch's FSDP2 cannot run its backward on CPU processes.)"""
+    probe = tmp_path / "probe.py"
+    probe.write_text(HSDP_PROBE)
+    result = subprocess.run([sys.executable, "-m", "composer.cli.launcher", "-n", "4", "--master_port",
+                             str(_free_port()), str(probe), str(tmp_path)], cwd=REPO, env=_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    for r in ranks:
+        assert r["mesh"] == [[0, 1], [2, 3]]
+        assert r["names"] == ["data_parallel_replicate", "data_parallel_shard"]
+        assert r["placements"] == ["R", "S(0)"]  # replicated across groups, sharded on dim 0 within
+        assert r["local_rows"] == r["rows"] // 2  # sharded over 2 processes, not 4

@@ -114,8 +114,8 @@ def test_invalid_combinations_are_rejected_before_start():
         train.resolve_precision("amp_bf16")
     with pytest.raises(UserError, match="activation_cpu_offload needs strategy fsdp"):
         train.build_parallelism(from_dict({"train": {"parallelism": {"activation_cpu_offload": True}}}), _tiny_model())
-    with pytest.raises(UserError, match="replicas"):
-        train.build_parallelism(from_dict({"train": {"parallelism": {"strategy": "hsdp", "replicas": 1}}}),
+    with pytest.raises(UserError, match="hsdp needs GPUs"):  # CPU here; on GPUs the replicas check follows
+        train.build_parallelism(from_dict({"train": {"parallelism": {"strategy": "hsdp", "replicas": 2}}}),
                                 _tiny_model())
     with pytest.raises(UserError, match="schedule.decay"):
         from_dict({"schedule": {"name": "wsd", "decay": "100ba"}, "train": {"max_duration": "1000000tok"}})
@@ -189,3 +189,23 @@ def test_a_diverging_run_stops_with_a_clear_message(rafale_home, tmp_path):
     assert "rafale: diverged: the training loss is nan" in result.stderr
     (run_dir,) = (rafale_home / "runs").iterdir()
     assert '"status": "failed"' in (run_dir / "status.json").read_text()
+
+
+def test_compiled_training_matches_eager(rafale_home, tmp_path):
+    import torch._dynamo
+
+    losses = {}
+    for compile in (False, True):
+        cfg = _config(tmp_path, max_duration="3ba", compile=compile)
+        data = train.build_data(cfg)
+        torch.manual_seed(0)
+        model = train.build_model(cfg, data.meta["vocab_size"])
+        history = train._LossHistory()
+        torch._dynamo.reset()
+        trainer = train.build_trainer(cfg, model, data, run_dir=None, extra_callbacks=[history])
+        trainer.fit()
+        trainer.close()
+        losses[compile] = history.losses
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compile, graphs  # torch.compile traced the model only when asked
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -115,19 +115,43 @@ def _cmd_config(args, mode: str) -> int:
 def _launch(args) -> int:
     """Re-runs this same `train` command in nproc processes per node through Composer's launcher,
     which sets RANK / WORLD_SIZE / MASTER_ADDR for torch.distributed. Returns its exit code (a
-    rank's non-zero code, e.g. 75 after preemption)."""
-    import subprocess
+    rank's non-zero code, e.g. 75 after preemption).
+
+    The launcher runs in this process so that SIGTERM / SIGUSR1 sent to it (by a scheduler that
+    signals only the main process, or by one that signals every process of the job) are passed to
+    the ranks, which checkpoint and exit 75, instead of killing the launcher and orphaning them."""
+    import signal
 
     if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise UserError(f"--nproc and --nnodes must be >= 1 and --node-rank in 0..nnodes-1, got "
                         f"{args.nproc}, {args.nnodes}, {args.node_rank}")
-    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(args.nproc),
-           "--world_size", str(args.nproc * args.nnodes), "--node_rank", str(args.node_rank),
-           "--base_rank", str(args.node_rank * args.nproc), "--master_addr", args.master_addr]
+    argv = ["composer", "-n", str(args.nproc), "--world_size", str(args.nproc * args.nnodes),
+            "--node_rank", str(args.node_rank), "--base_rank", str(args.node_rank * args.nproc),
+            "--master_addr", args.master_addr]
     if args.master_port is not None:
-        cmd += ["--master_port", str(args.master_port)]
-    cmd += ["-m", "rafale", "train", "-c", args.config, *args.overrides]
-    return subprocess.call(cmd)
+        argv += ["--master_port", str(args.master_port)]
+    argv += ["-m", "rafale", "train", "-c", args.config, *args.overrides]
+    from composer.cli import launcher
+    from rafale.preemption import SIGNALS
+
+    previous = {sig: signal.signal(sig, _forward_to_ranks) for sig in SIGNALS}
+    saved_argv, sys.argv = sys.argv, argv
+    try:
+        return launcher.main()
+    finally:
+        sys.argv = saved_argv
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _forward_to_ranks(signum, frame) -> None:
+    import psutil  # Composer's launcher depends on it
+
+    for rank in psutil.Process().children():  # the ranks only: not their own workers
+        try:
+            os.kill(rank.pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 def _cmd_generate(args) -> int:

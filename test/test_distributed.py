@@ -137,6 +137,33 @@ def test_sigterm_checkpoints_exits_75_and_relaunch_finishes_identically(config, 
     assert _losses(tmp_path) == reference_losses  # same process count: bit for bit
 
 
+
+def test_sigusr1_to_the_launching_process_preempts_every_rank(config, reference_losses, tmp_path):
+    """A scheduler may signal only the main process: `rafale train --nproc 2` passes it to both ranks,
+    which checkpoint at the same step and exit 75, and the launcher reports 75."""
+    args = [sys.executable, "-m", "rafale", "train", "-c", str(config), "train.parallelism.strategy=ddp",
+            "train.save_interval=100ba", "--nproc", "2"]
+    proc = subprocess.Popen(args, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait for the first logged step
+        metrics = next(tmp_path.glob("runs/*/metrics.jsonl"), None)
+        if metrics is not None and metrics.stat().st_size > 0:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)  # the launching process only, not its process group
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    run_dir = _run_dir(tmp_path)
+    stopped_at = json.loads((run_dir / "status.json").read_text())
+    assert stopped_at["status"] == "preempted" and stopped_at["steps"] < STEPS
+    assert (run_dir / "checkpoints" / f"ep0-ba{stopped_at['steps']}-rank0.pt").is_file()
+
+    resumed = subprocess.run(args, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming preempted run" in resumed.stdout
+    assert _close(_losses(tmp_path), reference_losses)
+
 def test_llama_style_decoder_trains_under_fsdp2_and_its_shards_load_back(config, tmp_path):
     args = ["train", "-c", str(config), "train.parallelism.strategy=fsdp", "model.preset=gpt-micro",
             "train.max_duration=4ba", "--nproc", "2"]

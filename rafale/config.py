@@ -333,6 +333,10 @@ def _build(cls, data: dict, prefix: str, unknown: list[str], wrong: list[str]):
 def from_dict(data: dict) -> Config:
     if not isinstance(data, dict):
         raise UserError(f"config: expected a mapping of sections (run, model, data, ...), got {data!r}")
+    train = data.get("train")
+    if isinstance(train, dict) and train.get("device_microbatch_size") == "auto":
+        raise UserError("train.device_microbatch_size: auto (Composer's OOM-driven search) works only with "
+                        "FSDP1 on GPUs, and rafale runs FSDP2; give a number of sequences")
     unknown, wrong = [], []
     cfg = _build(Config, data, "", unknown, wrong)
     problems = []

@@ -146,8 +146,12 @@ def build_parallelism(cfg: Config, model: CausalLM) -> dict | None:
     if p.strategy == "none" and world > 1:
         raise UserError(f"train.parallelism.strategy is none but {world} processes run; use ddp, fsdp or hsdp")
     if p.strategy not in ("fsdp", "hsdp"):
-        if p.activation_cpu_offload:
-            raise UserError("train.parallelism.activation_cpu_offload needs strategy fsdp or hsdp")
+        fsdp_only = {"activation_cpu_offload": p.activation_cpu_offload,  # True: set away from the default
+                     "reshard_after_forward": not p.reshard_after_forward,
+                     "mixed_precision": p.mixed_precision != "DEFAULT"}
+        misplaced = [key for key, is_set in fsdp_only.items() if is_set]
+        if misplaced:
+            raise UserError(f"train.parallelism.{misplaced[0]} needs strategy fsdp or hsdp (it is {p.strategy})")
         if p.activation_checkpointing:  # FSDP applies it itself; without FSDP torch's wrapper does
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 

@@ -61,6 +61,15 @@ def _env(home: Path) -> dict:
     return env | {"RAFALE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
 
 
+def _wait_for_first_step(proc: subprocess.Popen, home: Path) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = next(home.glob("runs/*/metrics.jsonl"), None)
+        if metrics is not None and metrics.stat().st_size > 0:
+            return
+        time.sleep(0.01)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,13 +123,7 @@ def test_sigterm_checkpoints_exits_75_and_relaunch_finishes_identically(config, 
     args = [sys.executable, "-m", "rafale", "train", "-c", str(config), "train.save_interval=100ba"]
     proc = subprocess.Popen(args, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    metrics = None
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # wait for the first logged step
-        metrics = next(tmp_path.glob("runs/*/metrics.jsonl"), None)
-        if metrics is not None and metrics.stat().st_size > 0:
-            break
-        time.sleep(0.01)
+    _wait_for_first_step(proc, tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err
@@ -145,12 +148,7 @@ def test_sigusr1_to_the_launching_process_preempts_every_rank(config, reference_
             "train.save_interval=100ba", "--nproc", "2"]
     proc = subprocess.Popen(args, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # wait for the first logged step
-        metrics = next(tmp_path.glob("runs/*/metrics.jsonl"), None)
-        if metrics is not None and metrics.stat().st_size > 0:
-            break
-        time.sleep(0.01)
+    _wait_for_first_step(proc, tmp_path)
     proc.send_signal(signal.SIGUSR1)  # the launching process only, not its process group
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]

@@ -112,6 +112,8 @@ def test_optimizer_choice(name, cls):
 def test_invalid_combinations_are_rejected_before_start():
     with pytest.raises(UserError, match="amp_bf16 needs a GPU"):
         train.resolve_precision("amp_bf16")
+    with pytest.raises(UserError, match="mixed_precision needs strategy fsdp or hsdp"):
+        train.build_parallelism(from_dict({"train": {"parallelism": {"mixed_precision": "PURE"}}}), _tiny_model())
     with pytest.raises(UserError, match="activation_cpu_offload needs strategy fsdp"):
         train.build_parallelism(from_dict({"train": {"parallelism": {"activation_cpu_offload": True}}}), _tiny_model())
     with pytest.raises(UserError, match="hsdp needs GPUs"):  # CPU here; on GPUs the replicas check follows
@@ -121,6 +123,8 @@ def test_invalid_combinations_are_rejected_before_start():
         from_dict({"schedule": {"name": "wsd", "decay": "100ba"}, "train": {"max_duration": "1000000tok"}})
     with pytest.raises(UserError, match="optim.no_decay"):
         from_dict({"optim": {"no_decay": ["norms"]}})
+    with pytest.raises(UserError, match="auto .* works only with FSDP1 on GPUs"):
+        from_dict({"train": {"device_microbatch_size": "auto"}})
 
 
 def test_activation_checkpointing_recomputes_blocks_with_identical_gradients():

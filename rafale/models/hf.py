@@ -139,17 +139,26 @@ def hf_config(cfg: DecoderConfig, bos_token_id: int, eos_token_id: int, dtype: t
     return out
 
 
+def hf_dir_or_preset(preset: str | None, init_from: str | None, where: str, kind: str) -> Path | None:
+    """The HF model directory `init_from` names, or None when the shape comes from the preset (after
+    checking that a .safetensors `init_from` exists and that a preset is set)."""
+    path = Path(init_from).expanduser() if init_from is not None else None
+    if path is not None and path.is_dir():
+        return path
+    if path is not None:
+        _weight_files(path, where)  # a missing path or a non-safetensors file fails here, early
+    if preset is None:
+        raise UserError(f"model.preset: none set; name {kind}, or set model.init_from to an HF model "
+                        f"directory (its config.json gives the shape)")
+    return None
+
+
 def model_config(preset: str | None, overrides: dict | None = None, init_from: str | None = None,
                  where: str = "model.init_from") -> DecoderConfig:
     """The model's shape: from an HF directory's config.json when `init_from` is one (only max_seq_len
     may then be lowered), else the preset with `overrides` (a .safetensors `init_from` must fit it)."""
-    path = Path(init_from).expanduser() if init_from is not None else None
-    if path is None or not path.is_dir():
-        if path is not None:
-            _weight_files(path, where)  # a missing path or a non-safetensors file fails here, early
-        if preset is None:
-            raise UserError("model.preset: none set; name a preset, or set model.init_from to an HF model "
-                            "directory (its config.json gives the shape)")
+    path = hf_dir_or_preset(preset, init_from, where, "a preset")
+    if path is None:
         return get_preset(preset, overrides)
     cfg = config_from_hf(read_hf_config(path, f"{where} {path}"), f"{where} {path}")
     overrides = dict(overrides or {})

@@ -27,7 +27,8 @@ from safetensors import SafetensorError
 
 from rafale.errors import UserError
 from rafale.models.encoder import EncoderConfig, EncoderForClassification, EncoderForMaskedLM
-from rafale.models.hf import DTYPE_NAMES, _listing, _open, _weight_files, read_hf_config, save_weights
+from rafale.models.hf import (DTYPE_NAMES, _listing, _open, _weight_files, hf_dir_or_preset, read_hf_config,
+                              save_weights)
 from rafale.models.hf_maps import inverse, template
 
 ENCODER: dict[str, str] = {
@@ -190,13 +191,8 @@ def encoder_config(preset: str | None, overrides: dict, init_from: str | None,
     changed), else the encoder preset with `overrides`."""
     from rafale.models.encoder_presets import get_encoder_preset
 
-    path = Path(init_from).expanduser() if init_from is not None else None
-    if path is None or not path.is_dir():
-        if path is not None:
-            _weight_files(path, where)  # a missing path or a non-safetensors file fails here, early
-        if preset is None:
-            raise UserError("model.preset: none set; name an encoder preset, or set model.init_from to an HF "
-                            "model directory (its config.json gives the shape)")
+    path = hf_dir_or_preset(preset, init_from, where, "an encoder preset")
+    if path is None:
         return get_encoder_preset(preset, overrides)
     if overrides:
         raise UserError(f"model.{next(iter(overrides))}: the sizes of an init_from model come from its "

@@ -96,19 +96,25 @@ def _cmd_config(args, mode: str) -> int:
         return 0
     if mode == "debug":
         return 0 if train.debug_overfit(cfg) else 1
+    from rafale.signals import shield
+
+    shield()  # again: importing Composer replaced it with a SIGTERM handler that exits 143
     if (args.nproc > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
         return _launch(args)
+    rank0 = os.environ.get("RANK", "0") == "0"  # the other ranks' output only repeats it
     try:
         run_dir = train.train(cfg, force=_env_flag("FORCE"))
     except Diverged as e:
         print(f"rafale: diverged: {e}", file=sys.stderr)
         return 1
     except train.Preempted as e:
-        from rafale.preemption import PREEMPTED_EXIT_CODE
+        from rafale.signals import PREEMPTED_EXIT_CODE
 
-        print(f"rafale: preempted: {e}", file=sys.stderr)
+        if rank0:
+            print(f"rafale: preempted: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    print(f"run complete: {run_dir}")
+    if rank0:
+        print(f"run complete: {run_dir}")
     return 0
 
 
@@ -132,7 +138,7 @@ def _launch(args) -> int:
         argv += ["--master_port", str(args.master_port)]
     argv += ["-m", "rafale", "train", "-c", args.config, *args.overrides]
     from composer.cli import launcher
-    from rafale.preemption import SIGNALS
+    from rafale.signals import SIGNALS
 
     previous = {sig: signal.signal(sig, _forward_to_ranks) for sig in SIGNALS}
     saved_argv, sys.argv = sys.argv, argv
@@ -225,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
                 mode = "prepare"
             elif mode == "train" and _env_flag("DEBUG"):
                 mode = "debug"
+            if mode == "train":
+                from rafale.signals import shield
+
+                shield()
             return _cmd_config(args, mode)
         if args.command == "generate":
             return _cmd_generate(args)

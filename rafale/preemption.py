@@ -2,7 +2,7 @@
 
 Clusters send SIGTERM before killing a job (SLURM also SIGUSR1 via `--signal`). The handler only
 sets a flag; at the end of the current step all ranks agree on it, Composer's checkpoint saver
-writes a checkpoint, training stops, and the process exits with PREEMPTED_EXIT_CODE so a job script
+writes a checkpoint, training stops, and the process exits with 75 (rafale/signals.py) so a job script
 can requeue itself. Relaunching the same command resumes from that checkpoint.
 """
 
@@ -13,8 +13,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "temporary failure, try again"
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from rafale.signals import SIGNALS, noted_outside_training
 
 
 class Preemption(Callback):
@@ -24,6 +23,7 @@ class Preemption(Callback):
         self._previous = {}
 
     def install(self) -> None:
+        self.requested = self.requested or noted_outside_training()
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
@@ -38,6 +38,12 @@ class Preemption(Callback):
     def save_interval(self, regular):
         """Composer's save_interval callable: the regular schedule, or now if we are stopping."""
         return lambda state, event: self.stopping or regular(state, event)
+
+    def eval_interval(self, regular):
+        """Composer's eval_interval callable: the regular schedule, but no evaluation once stopping
+        (the end-of-training eval would delay the exit past a walltime warning, and add an eval at a
+        step the uninterrupted run does not evaluate)."""
+        return lambda state, event: not self.stopping and regular(state, event)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         flag = self.requested

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from composer import Trainer
 from composer.algorithms import GradientClipping
-from composer.core import Callback, State
+from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
                             DecoupledSGDW, LinearWithWarmupScheduler)
@@ -230,12 +230,16 @@ def build_trainer(cfg: Config, model: CausalLM, data: PreparedData, run_dir: Pat
     if data.val is not None and len(data.val) and run_dir is not None:
         eval_loader = build_dataloader(data.val, batch_size=batch_size, shuffle=False, collator=collator,
                                        seed=cfg.run.seed, drop_last=False)
+    preemption = next((c for c in extra_callbacks if isinstance(c, Preemption)), None)
+    eval_interval = create_interval_scheduler(t.eval_interval, checkpoint_events=False,
+                                              final_events={Event.FIT_END})  # as Composer makes it from a string
+    if preemption is not None:
+        eval_interval = preemption.eval_interval(eval_interval)
     parallelism = build_parallelism(cfg, model)
     optimizer = build_optimizer(cfg, model)
     checkpointing = {}
     if run_dir is not None:
         save_interval = create_interval_scheduler(t.save_interval)
-        preemption = next((c for c in extra_callbacks if isinstance(c, Preemption)), None)
         if preemption is not None:
             save_interval = preemption.save_interval(save_interval)
         checkpointing = dict(save_folder=str(run_dir / runs.CHECKPOINTS), save_interval=save_interval,
@@ -245,7 +249,7 @@ def build_trainer(cfg: Config, model: CausalLM, data: PreparedData, run_dir: Pat
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=eval_loader,
-        eval_interval=t.eval_interval if eval_loader is not None else 1,
+        eval_interval=eval_interval if eval_loader is not None else 1,
         max_duration=t.max_duration,
         optimizers=optimizer,
         schedulers=build_scheduler(cfg),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rafale.preemption import PREEMPTED_EXIT_CODE
+from rafale.signals import PREEMPTED_EXIT_CODE
 from test.conftest import REPO, run_cli
 
 STEPS = 8
@@ -50,6 +50,11 @@ def _run_dir(home: Path) -> Path:
 def _losses(home: Path) -> dict[int, float]:
     rows = [json.loads(x) for x in (_run_dir(home) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss/train/total"] for r in rows if "loss/train/total" in r}
+
+
+def _eval_steps(home: Path) -> list[int]:
+    rows = [json.loads(x) for x in (_run_dir(home) / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "metrics/eval/LanguageCrossEntropy" in r]
 
 
 def _close(a: dict, b: dict, rel: float = 1e-4) -> bool:
@@ -138,6 +143,23 @@ def test_sigterm_checkpoints_exits_75_and_relaunch_finishes_identically(config, 
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming preempted run" in resumed.stdout
     assert _losses(tmp_path) == reference_losses  # same process count: bit for bit
+    # No evaluation at the stop: only at the eval interval (4ba) and the end, as uninterrupted.
+    assert _eval_steps(tmp_path) == [4, 8]
+
+
+def test_sigterm_during_start_up_stops_at_the_first_step(config, tmp_path):
+    """A signal before training starts (data, model, Trainer being built) neither kills the process
+    (exit 143, which a job script cannot tell from a crash) nor is lost: the first step checkpoints."""
+    proc = subprocess.Popen([sys.executable, "-m", "rafale", "train", "-c", str(config)], cwd=REPO,
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_line = proc.stdout.readline()  # "new run: ...", printed before the model and Trainer are built
+    assert first_line.startswith("new run"), first_line
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    run_dir = _run_dir(tmp_path)
+    assert json.loads((run_dir / "status.json").read_text())["steps"] == 1
+    assert (run_dir / "checkpoints" / "ep0-ba1-rank0.pt").is_file()
 
 
 
@@ -161,6 +183,7 @@ def test_sigusr1_to_the_launching_process_preempts_every_rank(config, reference_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming preempted run" in resumed.stdout
     assert _close(_losses(tmp_path), reference_losses)
+    assert _eval_steps(tmp_path) == [4, 8]
 
 def test_llama_style_decoder_trains_under_fsdp2_and_its_shards_load_back(config, tmp_path):
     args = ["train", "-c", str(config), "train.parallelism.strategy=fsdp", "model.preset=gpt-micro",

@@ -89,6 +89,7 @@ class RichProgress(LoggerDestination):
         self.progress = None
         self.task = None
         self.finished = False
+        self.step = self.eval_step = 0
 
     def _enabled(self) -> bool:
         return dist.get_global_rank() == 0
@@ -117,7 +118,9 @@ class RichProgress(LoggerDestination):
         if "loss/train/total" in v:
             parts.append(f"loss {v['loss/train/total']:.4f}")
         if "metrics/eval/LanguageCrossEntropy" in v:
-            parts.append(f"val {v['metrics/eval/LanguageCrossEntropy']:.4f}")
+            # The step of that evaluation when it is not this one (a run stopped by a signal skips its final eval).
+            at = f" (step {self.eval_step})" if self.eval_step != self.step else ""
+            parts.append(f"val {v['metrics/eval/LanguageCrossEntropy']:.4f}{at}")
         lr = next((val for k, val in v.items() if k.startswith("lr-")), None)
         if lr is not None:
             parts.append(f"lr {lr:.2e}")
@@ -126,6 +129,7 @@ class RichProgress(LoggerDestination):
         return "  ".join(parts)
 
     def batch_end(self, state: State, logger: Logger) -> None:
+        self.step = int(state.timestamp.batch)
         if self.progress is not None:
             total = None
             if state.max_duration.unit.name != "BATCH" and state.dataloader_len:
@@ -135,10 +139,12 @@ class RichProgress(LoggerDestination):
                                  info=self._info())
 
     def _line(self, state: State, what: str) -> None:
+        self.step = int(state.timestamp.batch)
         if self._enabled() and self.progress is None:
             self.console.print(f"{what} step {int(state.timestamp.batch)}  {self._info()}", highlight=False)
 
     def eval_end(self, state: State, logger: Logger) -> None:
+        self.eval_step = int(state.timestamp.batch)
         self._line(state, "eval")
 
     def fit_end(self, state: State, logger: Logger) -> None:

@@ -89,7 +89,7 @@ class RichProgress(LoggerDestination):
         self.progress = None
         self.task = None
         self.finished = False
-        self.step = self.eval_step = 0
+        self.eval_step = 0
 
     def _enabled(self) -> bool:
         return dist.get_global_rank() == 0
@@ -112,14 +112,14 @@ class RichProgress(LoggerDestination):
             if isinstance(value, (int, float)):
                 self.values[name] = float(value)
 
-    def _info(self) -> str:
+    def _info(self, step: int) -> str:
         v = self.values
         parts = []
         if "loss/train/total" in v:
             parts.append(f"loss {v['loss/train/total']:.4f}")
         if "metrics/eval/LanguageCrossEntropy" in v:
             # The step of that evaluation when it is not this one (a run stopped by a signal skips its final eval).
-            at = f" (step {self.eval_step})" if self.eval_step != self.step else ""
+            at = f" (step {self.eval_step})" if self.eval_step != step else ""
             parts.append(f"val {v['metrics/eval/LanguageCrossEntropy']:.4f}{at}")
         lr = next((val for k, val in v.items() if k.startswith("lr-")), None)
         if lr is not None:
@@ -129,19 +129,18 @@ class RichProgress(LoggerDestination):
         return "  ".join(parts)
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        self.step = int(state.timestamp.batch)
         if self.progress is not None:
             total = None
             if state.max_duration.unit.name != "BATCH" and state.dataloader_len:
                 epochs = state.max_duration.value if state.max_duration.unit.name == "EPOCH" else math.nan
                 total = int(epochs * int(state.dataloader_len)) if epochs == epochs else None
             self.progress.update(self.task, completed=int(state.timestamp.batch), total=total,
-                                 info=self._info())
+                                 info=self._info(int(state.timestamp.batch)))
 
     def _line(self, state: State, what: str) -> None:
-        self.step = int(state.timestamp.batch)
         if self._enabled() and self.progress is None:
-            self.console.print(f"{what} step {int(state.timestamp.batch)}  {self._info()}", highlight=False)
+            step = int(state.timestamp.batch)
+            self.console.print(f"{what} step {step}  {self._info(step)}", highlight=False)
 
     def eval_end(self, state: State, logger: Logger) -> None:
         self.eval_step = int(state.timestamp.batch)

@@ -7,11 +7,13 @@ callbacks Composer lacks: the loss guard and the CPU memory reading.
 """
 
 import importlib.util
+import math
 import os
 import resource
 import statistics
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -47,7 +49,7 @@ class LossGuard(Callback):
 
     def __init__(self, factor: float | None = None, window: int = 50, patience: int = 3):
         self.factor, self.window, self.patience = factor, window, patience
-        self.history: list[float] = []
+        self.history: deque[float] = deque(maxlen=window)  # the last `window` non-spiking losses
         self.spiking = 0
 
     def batch_end(self, state: State, logger: Logger) -> None:
@@ -55,13 +57,13 @@ class LossGuard(Callback):
         if loss is None:
             return
         step = int(state.timestamp.batch)
-        if not torch.isfinite(torch.tensor(loss)):
+        if not math.isfinite(loss):
             raise Diverged(f"the training loss is {loss} at step {step}; lower optim.lr, keep train.clip_norm, "
                            f"or use fp32")
         if self.factor is None:
             return
-        if len(self.history) >= self.window:
-            median = statistics.median(self.history[-self.window:])
+        if len(self.history) == self.window:
+            median = statistics.median(self.history)
             if loss > self.factor * median:
                 self.spiking += 1
                 if self.spiking >= self.patience:
@@ -71,13 +73,14 @@ class LossGuard(Callback):
                                    f"or raise monitor.loss_spike_factor")
                 return
         self.spiking = 0
-        self.history = (self.history + [loss])[-self.window:]
+        self.history.append(loss)
 
     def state_dict(self) -> dict:
         return {"history": list(self.history), "spiking": self.spiking}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history, self.spiking = list(state["history"]), int(state["spiking"])
+        self.history = deque(state["history"], maxlen=self.window)
+        self.spiking = int(state["spiking"])
 
 
 class HostMemory(Callback):

@@ -24,4 +24,3 @@ def _per_node_signal_file_name(original):
 def apply() -> None:
     if not getattr(dist.get_node_signal_file_name, "rafale_patched", False):
         dist.get_node_signal_file_name = _per_node_signal_file_name(dist.get_node_signal_file_name)
-

@@ -112,27 +112,26 @@ CONFIG: dict[str, str] = {
     "init_std": "initializer_range",
 }
 
+# BertConfig's defaults for keys a config.json omits (RobertaConfig differs in vocabulary and pad id).
+_BERT_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, pad_token_id=0,
+                      layer_norm_eps=1e-12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                      classifier_dropout=None, initializer_range=0.02)
+_BERT_FIXED = dict(hidden_act="gelu", position_embedding_type="absolute", is_decoder=False)
+
 # Per model_type: the checkpoint prefix, the HF classes per task, head tables, the values transformers'
 # config class assumes for keys a config.json omits, and settings rafale implements one value of.
 ARCHITECTURES: dict[str, dict] = {
     "bert": dict(
         prefix="bert.", classes={"mlm": "BertForMaskedLM", "classification": "BertForSequenceClassification"},
         heads={"mlm": BERT_MLM_HEAD, "classification": BERT_CLS_HEAD},
-        defaults=dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                      intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, pad_token_id=0,
-                      layer_norm_eps=1e-12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                      classifier_dropout=None, initializer_range=0.02),
-        fixed=dict(hidden_act="gelu", position_embedding_type="absolute", is_decoder=False),
+        defaults=_BERT_DEFAULTS, fixed=_BERT_FIXED,
     ),
     "roberta": dict(
         prefix="roberta.", classes={"mlm": "RobertaForMaskedLM",
                                     "classification": "RobertaForSequenceClassification"},
         heads={"mlm": ROBERTA_MLM_HEAD, "classification": ROBERTA_CLS_HEAD},
-        defaults=dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                      intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, pad_token_id=1,
-                      layer_norm_eps=1e-12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                      classifier_dropout=None, initializer_range=0.02),
-        fixed=dict(hidden_act="gelu", position_embedding_type="absolute", is_decoder=False),
+        defaults=dict(_BERT_DEFAULTS, vocab_size=50265, pad_token_id=1), fixed=_BERT_FIXED,
     ),
 }
 

@@ -89,6 +89,13 @@ LLAMA_CONFIG: dict[str, str] = {
     "init_std": "initializer_range",
 }
 
+# What the Llama-family config classes (Llama, Mistral, Qwen2) share: the DecoderConfig switches and
+# the defaults for omitted keys; each differs in max_position_embeddings (and Qwen2 in q/k/v bias).
+_LLAMA_SWITCHES = dict(norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, rotary_pct=1.0,
+                       parallel_residual=False)
+_LLAMA_DEFAULTS = dict(num_key_value_heads=None, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6,
+                       tie_word_embeddings=False, initializer_range=0.02)
+
 # Per model_type: HF class, names, config map, the DecoderConfig switches the architecture fixes, the
 # values transformers' config class assumes for keys a config.json may omit (None: the key is
 # required), and the settings whose other values rafale does not implement (with transformers' default).
@@ -102,27 +109,19 @@ ARCHITECTURES: dict[str, dict] = {
         fixed=dict(hidden_act="gelu", attention_bias=True, rope_scaling=None),
     ),
     "llama": dict(
-        hf_class="LlamaForCausalLM", names=LLAMA, config=LLAMA_CONFIG,
-        switches=dict(norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, rotary_pct=1.0,
-                      parallel_residual=False),
-        defaults=dict(num_key_value_heads=None, max_position_embeddings=2048, rope_theta=10000.0,
-                      rope_scaling=None, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02),
+        hf_class="LlamaForCausalLM", names=LLAMA, config=LLAMA_CONFIG, switches=_LLAMA_SWITCHES,
+        defaults=dict(_LLAMA_DEFAULTS, max_position_embeddings=2048),
         fixed=dict(hidden_act="silu", attention_bias=False, mlp_bias=False),
     ),
     "mistral": dict(
-        hf_class="MistralForCausalLM", names=LLAMA, config=LLAMA_CONFIG,
-        switches=dict(norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, rotary_pct=1.0,
-                      parallel_residual=False),
-        defaults=dict(num_key_value_heads=None, max_position_embeddings=4096 * 32, rope_theta=10000.0,
-                      rope_scaling=None, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02),
+        hf_class="MistralForCausalLM", names=LLAMA, config=LLAMA_CONFIG, switches=_LLAMA_SWITCHES,
+        defaults=dict(_LLAMA_DEFAULTS, max_position_embeddings=4096 * 32),
         fixed=dict(hidden_act="silu"),
     ),
     "qwen2": dict(
         hf_class="Qwen2ForCausalLM", names=LLAMA, config=LLAMA_CONFIG,
-        switches=dict(norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=True, rotary_pct=1.0,
-                      parallel_residual=False),
-        defaults=dict(num_key_value_heads=None, max_position_embeddings=32768, rope_theta=10000.0,
-                      rope_scaling=None, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02),
+        switches=dict(_LLAMA_SWITCHES, qkv_bias=True),
+        defaults=dict(_LLAMA_DEFAULTS, max_position_embeddings=32768),
         fixed=dict(hidden_act="silu"),
     ),
 }

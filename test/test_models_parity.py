@@ -124,18 +124,27 @@ def test_init_is_deterministic_and_follows_init_std():
     assert torch.all(a.blocks[0].attn.qkv.bias == 0) and torch.all(a.norm_f.weight == 1)
 
 
-def test_meta_device_init_matches_eager_init():
-    """Composer's FSDP meta init calls Decoder.param_init_fn on every module after `to_empty`;
-    that must rebuild everything, rotary tables included."""
-    cfg = small()
+def _eager_and_meta_initialised(cfg) -> tuple[Decoder, Decoder]:
+    """A Decoder initialised eagerly, and one built on the meta device and materialised the way
+    Composer's FSDP meta init does it (to_empty, re-tie a tied head, param_init_fn on every module),
+    from the same RNG state: meta construction draws nothing."""
     eager = Decoder(cfg)
     torch.manual_seed(6)
-    eager.apply(eager.param_init_fn)  # same RNG state for both: meta construction draws nothing
+    eager.apply(eager.param_init_fn)
     with torch.device("meta"):
         lazy = Decoder(cfg)
     lazy.to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        lazy.embed_out.weight = lazy.embed_in.weight  # to_empty unties; Composer's meta init re-ties the same way
     torch.manual_seed(6)
     lazy.apply(lazy.param_init_fn)
+    return eager, lazy
+
+
+def test_meta_device_init_matches_eager_init():
+    """Composer's FSDP meta init calls Decoder.param_init_fn on every module after `to_empty`;
+    that must rebuild everything, rotary tables included."""
+    eager, lazy = _eager_and_meta_initialised(small())
     assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), lazy.state_dict().values()))
     assert torch.equal(eager.rope_cos, lazy.rope_cos) and torch.equal(eager.rope_sin, lazy.rope_sin)
 
@@ -356,16 +365,8 @@ def test_gqa_cached_chunks_match_full_forward(tmp_path):
 
 
 def test_llama_style_meta_init_matches_eager_init():
-    cfg = get_preset("gpt-micro", {"rope_scaling": LLAMA3_ROPE})
-    eager = Decoder(cfg)
-    torch.manual_seed(6)
-    eager.apply(eager.param_init_fn)  # same RNG state for both: meta construction draws nothing
-    with torch.device("meta"):
-        lazy = Decoder(cfg)
-    lazy.to_empty(device="cpu")
-    lazy.embed_out.weight = lazy.embed_in.weight  # to_empty unties; Composer's meta init re-ties the same way
-    torch.manual_seed(6)
-    lazy.apply(lazy.param_init_fn)
+    eager, lazy = _eager_and_meta_initialised(get_preset("gpt-micro", {"rope_scaling": LLAMA3_ROPE}))
+    assert lazy.embed_out.weight is lazy.embed_in.weight
     assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), lazy.state_dict().values()))
     assert torch.equal(eager.rope_cos, lazy.rope_cos)
     assert torch.all(lazy.norm_f.weight == 1) and lazy.blocks[0].attn.qkv.bias is None

@@ -92,11 +92,13 @@ class HostMemory(Callback):
         logger.log_metrics({"memory/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale})
 
 
-def _require(name: str) -> None:
-    module, extra = _LOGGER_PACKAGES[name]
-    if importlib.util.find_spec(module) is None:
-        raise UserError(f"monitor.loggers: {name} needs the {module} package; pip install 'rafale[{extra}]' "
-                        f"or remove {name}")
+def check_logger_packages(cfg: Config) -> None:
+    """The optional packages monitor.loggers needs are installed."""
+    for name in cfg.monitor.loggers:
+        module, extra = _LOGGER_PACKAGES.get(name, (None, None))
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise UserError(f"monitor.loggers: {name} needs the {module} package; pip install 'rafale[{extra}]' "
+                            f"or remove {name}")
 
 
 def build_loggers(cfg: Config, run_dir: Path | None) -> list[LoggerDestination]:
@@ -111,9 +113,7 @@ def build_loggers(cfg: Config, run_dir: Path | None) -> list[LoggerDestination]:
     if run_dir is None:
         return loggers
     loggers.append(JsonlLogger(run_dir / runs.METRICS_FILE))
-    for name in m.loggers:
-        if name in _LOGGER_PACKAGES:
-            _require(name)
+    check_logger_packages(cfg)
     if "file" in m.loggers:
         from composer.loggers import FileLogger
 

@@ -30,7 +30,7 @@ from rafale.errors import UserError
 from rafale.models.composer import CausalLM, build_model as build_causal_lm
 from rafale.models.encoder_heads import build_encoder_model
 from rafale.models.encoder_presets import ENCODER_PRESETS
-from rafale.monitoring import build_callbacks, build_loggers, build_profiler
+from rafale.monitoring import build_callbacks, build_loggers, build_profiler, check_logger_packages
 from rafale.optim import InverseSqrtWithWarmupScheduler, Lion, WSDScheduler
 from rafale.preemption import Preemption
 
@@ -139,9 +139,8 @@ def per_device_batch_size(cfg: Config) -> int:
     return cfg.train.global_batch_size // world
 
 
-def build_parallelism(cfg: Config, model: CausalLM) -> dict | None:
-    """Composer's parallelism_config for train.parallelism; DDP needs none (Composer wraps the model
-    in DDP whenever several processes run). Rejects combinations that cannot work, before start."""
+def check_parallelism(cfg: Config) -> None:
+    """Rejects train.parallelism combinations that cannot work with this many processes on this machine."""
     p, world = cfg.train.parallelism, dist.get_world_size()
     if p.strategy == "none" and world > 1:
         raise UserError(f"train.parallelism.strategy is none but {world} processes run; use ddp, fsdp or hsdp")
@@ -152,11 +151,7 @@ def build_parallelism(cfg: Config, model: CausalLM) -> dict | None:
         misplaced = [key for key, is_set in fsdp_only.items() if is_set]
         if misplaced:
             raise UserError(f"train.parallelism.{misplaced[0]} needs strategy fsdp or hsdp (it is {p.strategy})")
-        if p.activation_checkpointing:  # FSDP applies it itself; without FSDP torch's wrapper does
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-            apply_activation_checkpointing(model.model, check_fn=model.activation_checkpointing_fn)
-        return None
+        return
     if p.strategy == "hsdp" and not torch.cuda.is_available():
         # torch 2.7's FSDP2 averages across replica groups with ReduceOp.AVG, which gloo lacks, and
         # asserts a device event after it, which CPU streams do not record.
@@ -165,6 +160,19 @@ def build_parallelism(cfg: Config, model: CausalLM) -> dict | None:
     if p.strategy == "hsdp" and (p.replicas < 2 or world % p.replicas):
         raise UserError(f"train.parallelism.replicas: hsdp needs >= 2 replica groups dividing the "
                         f"{world} processes, got {p.replicas}")
+
+
+def build_parallelism(cfg: Config, model: CausalLM) -> dict | None:
+    """Composer's parallelism_config for train.parallelism; DDP needs none (Composer wraps the model
+    in DDP whenever several processes run)."""
+    check_parallelism(cfg)
+    p = cfg.train.parallelism
+    if p.strategy not in ("fsdp", "hsdp"):
+        if p.activation_checkpointing:  # FSDP applies it itself; without FSDP torch's wrapper does
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model.model, check_fn=model.activation_checkpointing_fn)
+        return None
     replicas = p.replicas if p.strategy == "hsdp" else None
     # Composer takes an FSDP2Config under the "fsdp" key (a dict there would mean FSDP1, which needs CUDA).
     return {"fsdp": _fsdp2_config(replicas)(reshard_after_forward=p.reshard_after_forward,
@@ -281,13 +289,25 @@ def _start_distributed() -> None:
         dist.initialize_dist(get_device(None))
 
 
+def check_before_start(cfg: Config) -> None:
+    """What the config alone cannot tell (this machine, the process count, the installed packages, the
+    checkpoint to load), judged before a run directory is made: a refused run leaves nothing behind."""
+    resolve_precision(cfg.train.precision)
+    per_device_batch_size(cfg)
+    check_parallelism(cfg)
+    checkpoint_to_load(cfg)
+    check_logger_packages(cfg)
+
+
 def train(cfg: Config, force: bool = False) -> Path:
     """Trains the config's run to completion (resuming it if it was interrupted). Returns the run dir.
 
     Raises Preempted when a signal asked it to stop early (a checkpoint is saved first)."""
     reproducibility.seed_all(cfg.run.seed)
     _start_distributed()
+    check_before_start(cfg)
     data = build_data(cfg)
+    model = build_model(cfg, data.meta["vocab_size"], data.meta)
     run_dir, why = runs.choose_run_dir(f"{cfg.run.name}-{cfg.hash()}", force)
     dist.barrier()  # every rank has decided before rank 0 marks the run as running
     if dist.get_global_rank() == 0:
@@ -297,7 +317,6 @@ def train(cfg: Config, force: bool = False) -> Path:
         runs.discard_unfinished_checkpoints(run_dir)
         runs.mark_started(run_dir, cfg.hash())
     dist.barrier()
-    model = build_model(cfg, data.meta["vocab_size"], data.meta)
     preemption = Preemption()
     trainer = build_trainer(cfg, model, data, run_dir, extra_callbacks=[preemption])
     preemption.install()

@@ -127,6 +127,20 @@ def test_invalid_combinations_are_rejected_before_start():
         from_dict({"train": {"device_microbatch_size": "auto"}})
 
 
+def test_a_run_refused_before_start_leaves_no_run_directory(rafale_home, tmp_path):
+    from test.conftest import run_cli
+    import yaml
+
+    path = tmp_path / "hsdp.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, max_duration="2ba").to_dict()))
+    result = run_cli("train", "-c", str(path), "train.parallelism.strategy=hsdp", home=rafale_home)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "rafale: error: train.parallelism.strategy: hsdp needs GPUs (torch's FSDP2 cannot run HSDP on CPU "
+        "processes); use fsdp or ddp here"]
+    assert not (rafale_home / "runs").exists()
+
+
 def test_activation_checkpointing_recomputes_blocks_with_identical_gradients():
     torch.manual_seed(0)
     plain = _tiny_model()

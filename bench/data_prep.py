@@ -43,7 +43,7 @@ def prepare_rafale(out: Path) -> int:
     import os
 
     os.environ["RAFALE_HOME"] = str(out)
-    from rafale.data.cache import prepare_causal_lm
+    from rafale.data.causal_lm import prepare_causal_lm
 
     t0 = time.perf_counter()
     data = prepare_causal_lm(train=[str(f) for f in FILES], tokenizer=str(TOKENIZER), max_seq_len=SEQ,

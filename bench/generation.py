@@ -2,7 +2,7 @@
 `generate(do_sample=False)` on the same weights.
 
 A pythia-tiny `Decoder` with random weights (seeded) is copied into a GPTNeoXForCausalLM through the
-literal name map (rafale/models/hf_maps.py). Both continue the same 32-token prompts by 256 tokens,
+literal name map (rafale/models/gpt_neox.py). Both continue the same 32-token prompts by 256 tokens,
 batch 1 and batch 8, no early stop; the two sides alternate in one process (A B A B ...), one
 untimed call each first, and every timed call also checks that both produced the same tokens.
 
@@ -25,8 +25,9 @@ def models():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from rafale.models.decoder import Decoder
-    from rafale.models.hf_maps import GPT_NEOX, GPT_NEOX_CONFIG, inverse, rename
-    from rafale.models.presets import get_preset
+    from rafale.models import preset_config as get_preset
+    from rafale.models.family import inverse, rename
+    from rafale.models.gpt_neox import CONFIG as GPT_NEOX_CONFIG, NAMES as GPT_NEOX
 
     cfg = get_preset("pythia-tiny", {"init_std": 0.1})  # above 0.02, so argmax is not a near-tie
     torch.manual_seed(0)

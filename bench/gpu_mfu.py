@@ -3,7 +3,7 @@ under bf16 autocast, SDPA attention, FSDP2 and torch.compile. The reference is l
 published table: 41.8% MFU for a 1B model at sequence 2048 on H100 (bf16, FSDP, flash attention).
 
 The model, data, optimizer, scheduler and Trainer are built by the same functions `rafale train`
-uses (rafale.train.build_*), with no run directory (no checkpoint or metrics file to write, as in
+uses (rafale.build.build_*, rafale.train.build_trainer), with no run directory (no checkpoint or metrics file to write, as in
 llm-foundry's throughput table). A step is timed from the end of the previous one, data loading
 included, after `--warmup` steps (compilation and the allocator's warm-up); the median is quoted.
 MFU = the model's `flops_per_batch` (6 x parameters x tokens plus attention, the PaLM formula
@@ -59,13 +59,13 @@ def measure(preset: str, args) -> dict:
     from composer.core import Callback
     from composer.utils import dist
 
-    from rafale import train
+    from rafale import build, train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = config(preset, args.seq, args.micro, world, args.warmup + args.steps, args.cpu_check)
     train._start_distributed()
-    data = train.build_data(cfg)
-    model = train.build_model(cfg, data.meta["vocab_size"], data.meta)
+    data = build.build_data(cfg)
+    model = build.build_model(cfg, data.meta)
     n_params = sum(p.numel() for p in model.parameters())
 
     class StepTimes(Callback):

@@ -33,13 +33,13 @@ side, npy, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(17)
 if side == "hf":
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-    from rafale.models.hf_maps import GPT_NEOX_CONFIG
-    from rafale.models.presets import get_preset
+    from rafale.models import preset_config as get_preset
+    from rafale.models.gpt_neox import CONFIG as GPT_NEOX_CONFIG
     cfg = get_preset("pythia-tiny")
     model = GPTNeoXForCausalLM(GPTNeoXConfig(**{h: getattr(cfg, o) for o, h in GPT_NEOX_CONFIG.items()}, use_cache=False))
 else:
+    from rafale.models import preset_config as get_preset
     from rafale.models.decoder import Decoder
-    from rafale.models.presets import get_preset
     model = Decoder(get_preset("pythia-tiny"))
 opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
 x = torch.from_numpy(np.load(npy, mmap_mode="r")[:batch].astype(np.int64))

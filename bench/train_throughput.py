@@ -45,7 +45,7 @@ def prepare_home(home: Path) -> Path:
     """Builds the bundled config's data cache under `home`; returns its train.npy."""
     os.environ["RAFALE_HOME"] = str(home)
     from rafale.config import load_config
-    from rafale.train import build_data
+    from rafale.build import build_data
 
     return build_data(load_config(CONFIG)).path / "train.npy"
 
@@ -96,15 +96,15 @@ def bare_loop(side: str, train_npy: Path, batch: int, warmup: int, steps: int) -
     if side == "hf":
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-        from rafale.models.hf_maps import GPT_NEOX_CONFIG
-        from rafale.models.presets import get_preset
+        from rafale.models import preset_config as get_preset
+        from rafale.models.gpt_neox import CONFIG as GPT_NEOX_CONFIG
 
         cfg = get_preset("pythia-tiny")
         model = GPTNeoXForCausalLM(GPTNeoXConfig(**{hf: getattr(cfg, ours) for ours, hf in GPT_NEOX_CONFIG.items()},
                                                  attention_dropout=0.0, hidden_dropout=0.0, use_cache=False))
     else:
+        from rafale.models import preset_config as get_preset
         from rafale.models.decoder import Decoder
-        from rafale.models.presets import get_preset
 
         model = Decoder(get_preset("pythia-tiny"))
     model.train()
@@ -169,8 +169,8 @@ def hf_trainer(train_npy: Path, batch: int, warmup: int, steps: int, out: Path) 
     from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, Trainer, TrainerCallback,
                               TrainingArguments)
 
-    from rafale.models.hf_maps import GPT_NEOX_CONFIG
-    from rafale.models.presets import get_preset
+    from rafale.models import preset_config as get_preset
+    from rafale.models.gpt_neox import CONFIG as GPT_NEOX_CONFIG
 
     total = warmup + steps
     torch.manual_seed(SEED)

@@ -1,4 +1,4 @@
-"""Reading a run's Composer checkpoint back as a plain model state dict (for generate, eval, export).
+"""Reading a Composer checkpoint back as a plain model state dict (for generate, eval, export).
 
 Composer writes either one `.pt` file (single process, DDP) or, under FSDP, a directory of
 torch.distributed.checkpoint shards. Both come back here as `{"model.<name>": tensor}`, the
@@ -10,15 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rafale import runs
 from rafale.errors import UserError
-
-
-def latest_model_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = runs.latest_checkpoint(Path(run_dir))
-    if ckpt is None:
-        raise UserError(f"--run {run_dir}: no checkpoint yet; train past train.save_interval or to the end")
-    return read_model_state(ckpt)
 
 
 def read_model_state(ckpt: Path) -> dict[str, torch.Tensor]:

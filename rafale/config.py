@@ -1,134 +1,109 @@
-"""The run configuration: a typed schema, YAML loading, `key.path=value` overrides, validation, hash.
+"""The run configuration: the typed sections, YAML loading, `key.path=value` overrides, validation, hash.
 
-A config is one YAML file with the sections below. Every key is typed; unknown keys, wrong types
-and bad values raise `UserError` naming the full dotted key (all unknown keys at once, each with the
-closest valid name). This module imports no torch, so `rafale --help` and config errors are instant.
+A config is one YAML file with the sections below; the `data` section is the one its pipeline declares
+(rafale/data/pipeline.py and each pipeline module). Every key is typed and declared as changing results
+or not (schema.py); unknown keys, wrong types and bad values raise `UserError` naming the full dotted key
+(all unknown keys at once, each with the closest valid name). `model`, `optim` and `schedule` also take
+the component form `{class: import.path, ...keyword arguments}`, and `train.callbacks` a list of them
+(components.py). This module imports no torch, so `rafale --help` and config errors are instant.
 """
 
-import dataclasses
-import difflib
 import hashlib
 import json
 import re
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
 
+from rafale import components, schema
+from rafale.components import Component
+from rafale.data.pipeline import BUILTIN, DataSection, other_pipelines_reading, pipeline_class
 from rafale.errors import UserError
 from rafale.paths import CONFIGS_DIR
+from rafale.schema import bookkeeping, results
 
 # Composer time strings: 200ba, 1ep, 2000000tok, 512sp, 0.02dur (fractions only for dur).
 TIME_RE = re.compile(r"^(\d+(ep|ba|tok|sp)|\d*\.?\d+dur)$")
-FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+# Data keys every data section carried before each pipeline declared its own, with the values they
+# then always had where their pipeline did not read them. The run hash keeps them at those values, so
+# hashes of runs made before are unchanged; a run directory's saved config may still list them.
+LEGACY_DATA_KEYS = {"doc_separator": None, "eos_token": None, "mlm_probability": 0.15, "text_field": "text",
+                    "text_pair_field": None, "label_field": "label"}
 
 
 @dataclass
 class RunSection:
-    name: str = "run"
-    seed: int = 17
+    name: str = bookkeeping("run")  # already in the run directory's name
+    seed: int = results(17)
 
 
 @dataclass
 class ModelSection:
-    preset: Optional[str] = "pythia-tiny"
+    preset: Optional[str] = results("pythia-tiny")
     # An HF model directory (config.json + safetensors) or a .safetensors file to start from. With a
     # directory the architecture comes from its config.json and `preset` is ignored.
-    init_from: Optional[str] = None
+    init_from: Optional[str] = results(None)
     # Optional size overrides on top of the preset (None = the preset's value).
-    n_layers: Optional[int] = None
-    n_heads: Optional[int] = None
-    d_model: Optional[int] = None
-    d_ff: Optional[int] = None
-    max_seq_len: Optional[int] = None
-
-
-@dataclass
-class DataSection:
-    pipeline: Literal["causal_lm", "mlm", "classification"] = "causal_lm"
-    train: Union[str, list[str]] = "tinyshakespeare/input.txt"
-    val: Union[str, list[str], None] = None  # explicit val files; else val_fraction of the train blocks
-    val_fraction: float = 0.05
-    tokenizer: str = "gpt-neox-20b"
-    max_seq_len: int = 256
-    doc_separator: Optional[str] = None  # split files into documents at this string
-    eos_token: Optional[str] = None  # appended after each document; default: the tokenizer's own
-    mlm_probability: float = 0.15  # mlm: share of tokens masked per block (80% [MASK], 10% random, 10% kept)
-    text_field: str = "text"  # classification: the column holding the text
-    text_pair_field: Optional[str] = None  # classification: a second text column (sentence pairs)
-    label_field: str = "label"  # classification: the column holding the label
-
-
-# The data keys that only some pipelines read: set for another pipeline, they would do nothing.
-PIPELINE_KEYS = {"doc_separator": ("causal_lm", "mlm"), "eos_token": ("causal_lm",), "mlm_probability": ("mlm",),
-                 "text_field": ("classification",), "text_pair_field": ("classification",),
-                 "label_field": ("classification",)}
-
-
-def _data_problems(d: DataSection) -> list[str]:
-    default = DataSection()
-    problems = [f"data.{key}: only the {' and '.join(pipelines)} pipeline{'s' if len(pipelines) > 1 else ''} "
-                f"read{'' if len(pipelines) > 1 else 's'} it, and data.pipeline is {d.pipeline}; remove it"
-                for key, pipelines in PIPELINE_KEYS.items()
-                if d.pipeline not in pipelines and getattr(d, key) != getattr(default, key)]
-    if not 0.0 < d.mlm_probability < 1.0:
-        problems.append(f"data.mlm_probability: must be in (0, 1), got {d.mlm_probability}")
-    if d.text_pair_field is not None and d.text_pair_field == d.text_field:
-        problems.append(f"data.text_pair_field: must name another column than data.text_field "
-                        f"('{d.text_field}')")
-    return problems
+    n_layers: Optional[int] = results(None)
+    n_heads: Optional[int] = results(None)
+    d_model: Optional[int] = results(None)
+    d_ff: Optional[int] = results(None)
+    max_seq_len: Optional[int] = results(None)
 
 
 @dataclass
 class OptimSection:
-    name: Literal["adamw", "decoupled_adamw", "sgd", "lion"] = "adamw"
-    lr: float = 6.0e-4
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw, decoupled_adamw, lion
-    eps: float = 1.0e-8
-    momentum: float = 0.9  # sgd
+    name: Literal["adamw", "decoupled_adamw", "sgd", "lion"] = results("adamw")
+    lr: float = results(6.0e-4)
+    weight_decay: float = results(0.1)
+    betas: list[float] = results(factory=lambda: [0.9, 0.95])  # adamw, decoupled_adamw, lion
+    eps: float = results(1.0e-8)
+    momentum: float = results(0.9)  # sgd
     # Parameter kinds that get no weight decay: any of norm, bias, embedding.
-    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias"])
+    no_decay: list[str] = results(factory=lambda: ["norm", "bias"])
 
 
 @dataclass
 class ScheduleSection:
-    name: Literal["cosine", "linear", "constant", "inverse_sqrt", "wsd"] = "cosine"
-    warmup: str = "0.02dur"
-    min_lr_ratio: float = 0.1  # final lr / peak lr for cosine, linear and wsd
-    decay: str = "0.2dur"  # wsd: length of the final decay phase
-    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # wsd: shape of that decay
+    name: Literal["cosine", "linear", "constant", "inverse_sqrt", "wsd"] = results("cosine")
+    warmup: str = results("0.02dur")
+    min_lr_ratio: float = results(0.1)  # final lr / peak lr for cosine, linear and wsd
+    decay: str = results("0.2dur")  # wsd: length of the final decay phase
+    decay_shape: Literal["linear", "cosine", "sqrt"] = results("linear")  # wsd: shape of that decay
 
 
 @dataclass
 class ParallelismSection:
-    strategy: Literal["none", "ddp", "fsdp", "hsdp"] = "none"
-    reshard_after_forward: bool = True  # fsdp/hsdp: full-shard (true) or grad-op style (false)
-    replicas: int = 1  # hsdp: replica groups; each shards over world_size / replicas processes
-    mixed_precision: Literal["DEFAULT", "PURE", "FULL"] = "DEFAULT"  # fsdp/hsdp policy (Composer FSDP2)
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
-    activation_cpu_offload: bool = False  # fsdp/hsdp: keep saved activations on the CPU
+    strategy: Literal["none", "ddp", "fsdp", "hsdp"] = results("none")
+    reshard_after_forward: bool = results(True)  # fsdp/hsdp: full-shard (true) or grad-op style (false)
+    replicas: int = results(1)  # hsdp: replica groups; each shards over world_size / replicas processes
+    mixed_precision: Literal["DEFAULT", "PURE", "FULL"] = results("DEFAULT")  # fsdp/hsdp policy (Composer FSDP2)
+    activation_checkpointing: bool = results(False)  # recompute each block's activations in backward
+    activation_cpu_offload: bool = results(False)  # fsdp/hsdp: keep saved activations on the CPU
 
 
 @dataclass
 class TrainSection:
-    max_duration: str = "1ep"
-    global_batch_size: int = 32
-    device_microbatch_size: int = 8
-    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"
-    clip_norm: Optional[float] = 1.0  # None disables clipping
-    eval_interval: str = "100ba"
-    save_interval: str = "200ba"
-    keep_checkpoints: int = -1  # keep only the newest K checkpoints; -1 keeps all
-    compile: bool = False  # torch.compile the model (Composer compile_config)
-    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    max_duration: str = results("1ep")
+    global_batch_size: int = results(32)
+    device_microbatch_size: int = bookkeeping(8)  # same loss and gradients, split differently
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = results("auto")
+    clip_norm: Optional[float] = results(1.0)  # None disables clipping
+    eval_interval: str = bookkeeping("100ba")
+    save_interval: str = bookkeeping("200ba")
+    keep_checkpoints: int = bookkeeping(-1)  # keep only the newest K checkpoints; -1 keeps all
+    compile: bool = results(False)  # torch.compile the model (Composer compile_config)
+    parallelism: ParallelismSection = results(factory=ParallelismSection)
     # Start from another run's checkpoint (a file or a run directory): `full` resumes its whole
     # state, `weights` takes the weights only (fresh optimizer and schedule: continued pretraining),
     # `weights_optimizer` takes weights and optimizer state with this config's schedule (cooldown).
-    load_from: Optional[str] = None
-    load_mode: Literal["full", "weights", "weights_optimizer"] = "weights"
+    load_from: Optional[str] = results(None)
+    load_mode: Literal["full", "weights", "weights_optimizer"] = results("weights")
+    # Composer callbacks by import path: [{class: composer.callbacks.EarlyStopper, ...kwargs}]
+    callbacks: list[Component] = results(factory=list, added=True)
 
 
 LOGGERS = ("console", "file", "tensorboard", "wandb", "mlflow")
@@ -141,53 +116,51 @@ class MonitorSection:
     # console_interval, for batch-job logs), file (a text log per launch in the run dir), tensorboard
     # (run_dir/tensorboard), wandb (offline in run_dir/wandb unless WANDB_MODE says otherwise), mlflow
     # (a local store in run_dir/mlruns). None needs a network.
-    loggers: list[str] = field(default_factory=list)
-    console_interval: str = "10ba"
-    progress: bool = True  # the live progress bar (plain lines when there is no terminal)
-    grad_norm_interval: int = 10  # steps between gradient-norm logs (l2_norm/grad/global); 0: off
-    memory: bool = False  # log memory each step: CUDA allocator stats on GPU, process peak RSS on CPU
-    profile_steps: int = 0  # > 0: torch.profiler traces of this many steps (after 2 warm-up steps) in run_dir/profile
+    loggers: list[str] = bookkeeping(factory=list)
+    console_interval: str = bookkeeping("10ba")
+    progress: bool = bookkeeping(True)  # the live progress bar (plain lines when there is no terminal)
+    grad_norm_interval: int = bookkeeping(10)  # steps between gradient-norm logs (l2_norm/grad/global); 0: off
+    memory: bool = bookkeeping(False)  # log memory each step: CUDA allocator stats on GPU, process peak RSS on CPU
+    profile_steps: int = bookkeeping(0)  # > 0: torch.profiler traces of this many steps (after 2 warm-up steps) in run_dir/profile
     # Stop the run when the loss exceeds loss_spike_factor x the median of the previous
     # loss_spike_window steps for loss_spike_patience steps in a row (null: never). A NaN or
     # infinite loss always stops it.
-    loss_spike_factor: Optional[float] = None
-    loss_spike_window: int = 50
-    loss_spike_patience: int = 3
+    loss_spike_factor: Optional[float] = bookkeeping(None)
+    loss_spike_window: int = bookkeeping(50)
+    loss_spike_patience: int = bookkeeping(3)
 
 
 @dataclass
 class DebugSection:
-    steps: int = 60  # optimizer steps on the one fixed batch
-    lr: float = 1.0e-3
+    steps: int = bookkeeping(60)  # optimizer steps on the one fixed batch
+    lr: float = bookkeeping(1.0e-3)
+
+
+def _default_data() -> DataSection:
+    return pipeline_class("causal_lm").Section()
 
 
 @dataclass
 class Config:
-    run: RunSection = field(default_factory=RunSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    monitor: MonitorSection = field(default_factory=MonitorSection)
-    debug: DebugSection = field(default_factory=DebugSection)
+    run: RunSection = results(factory=RunSection)
+    model: Union[ModelSection, Component] = results(factory=ModelSection, component=True)
+    data: DataSection = results(factory=_default_data)
+    optim: Union[OptimSection, Component] = results(factory=OptimSection, component=True)
+    schedule: Union[ScheduleSection, Component] = results(factory=ScheduleSection, component=True)
+    train: TrainSection = results(factory=TrainSection)
+    monitor: MonitorSection = bookkeeping(factory=MonitorSection)
+    debug: DebugSection = bookkeeping(factory=DebugSection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return schema.to_plain(self)
 
     def hash(self) -> str:
-        """A short hash of the fields that change results: names the run directory.
-
-        Left out: the run name (already in the directory name) and keys that only change how
-        often we look at or save the run, what it reports, or how a batch is split into micro-batches.
-        """
-        d = self.to_dict()
-        d["run"].pop("name")
-        d.pop("debug")
-        d.pop("monitor")
-        for key in ("eval_interval", "save_interval", "device_microbatch_size", "keep_checkpoints"):
-            d["train"].pop(key)
-        blob = json.dumps(d, sort_keys=True).encode()
+        """A short hash of the keys that change results (schema.py): names the run directory."""
+        view = schema.hash_view(self)
+        if self.data.pipeline not in BUILTIN:  # a pipeline from a file: by its source
+            view["data"]["pipeline"] = components.identity(self.data.pipeline)
+        view["data"] = {**LEGACY_DATA_KEYS, **view["data"]}
+        blob = json.dumps(view, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
 
 
@@ -198,34 +171,36 @@ def _is_time(value: str) -> bool:
 def _validate_values(cfg: Config) -> None:
     """Checks that go beyond types: ranges and Composer time strings."""
     problems = []
-    for key in ("train.max_duration", "train.eval_interval", "train.save_interval", "schedule.warmup",
-                "schedule.decay"):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+    times = {"train.max_duration": cfg.train.max_duration, "train.eval_interval": cfg.train.eval_interval,
+             "train.save_interval": cfg.train.save_interval}
+    if isinstance(cfg.schedule, ScheduleSection):
+        times.update({"schedule.warmup": cfg.schedule.warmup, "schedule.decay": cfg.schedule.decay})
+    for key, value in times.items():
         if not _is_time(value):
             problems.append(f"{key}: expected a Composer time string like 200ba, 1ep, 2000000tok "
                             f"or 0.02dur, got '{value}'")
     positive = {"train.global_batch_size": cfg.train.global_batch_size,
                 "train.device_microbatch_size": cfg.train.device_microbatch_size,
-                "data.max_seq_len": cfg.data.max_seq_len, "optim.lr": cfg.optim.lr,
                 "debug.steps": cfg.debug.steps, "debug.lr": cfg.debug.lr}
+    if isinstance(cfg.optim, OptimSection):
+        positive["optim.lr"] = cfg.optim.lr
     problems += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        problems.append(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
-    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
-        problems.append(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
+    if isinstance(cfg.optim, OptimSection):
+        if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+            problems.append(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
+        bad_kinds = sorted(set(cfg.optim.no_decay) - {"norm", "bias", "embedding"})
+        if bad_kinds:
+            problems.append(f"optim.no_decay: unknown kinds {bad_kinds}; choose from norm, bias, embedding")
     if cfg.train.clip_norm is not None and cfg.train.clip_norm <= 0:
         problems.append(f"train.clip_norm: must be > 0 (or null to disable), got {cfg.train.clip_norm}")
-    if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
-        problems.append(f"schedule.min_lr_ratio: must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
-    if not problems and not cfg.schedule.decay.endswith("dur"):
-        unit = lambda t: re.sub(r"[\d.]", "", t).replace("ep", "ba")  # epochs are counted in batches
-        if unit(cfg.schedule.decay) != unit(cfg.train.max_duration):
-            problems.append(f"schedule.decay: '{cfg.schedule.decay}' must be in the unit of train.max_duration "
-                            f"('{cfg.train.max_duration}'), or a fraction like 0.2dur")
-    bad_kinds = sorted(set(cfg.optim.no_decay) - {"norm", "bias", "embedding"})
-    if bad_kinds:
-        problems.append(f"optim.no_decay: unknown kinds {bad_kinds}; choose from norm, bias, embedding")
+    if isinstance(cfg.schedule, ScheduleSection):
+        if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
+            problems.append(f"schedule.min_lr_ratio: must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
+        if not problems and not cfg.schedule.decay.endswith("dur"):
+            unit = lambda t: re.sub(r"[\d.]", "", t).replace("ep", "ba")  # epochs are counted in batches
+            if unit(cfg.schedule.decay) != unit(cfg.train.max_duration):
+                problems.append(f"schedule.decay: '{cfg.schedule.decay}' must be in the unit of "
+                                f"train.max_duration ('{cfg.train.max_duration}'), or a fraction like 0.2dur")
     if cfg.train.parallelism.replicas < 1:
         problems.append(f"train.parallelism.replicas: must be >= 1, got {cfg.train.parallelism.replicas}")
     if cfg.train.keep_checkpoints == 0 or cfg.train.keep_checkpoints < -1:
@@ -233,7 +208,7 @@ def _validate_values(cfg: Config) -> None:
     if cfg.train.global_batch_size % cfg.train.device_microbatch_size:
         problems.append(f"train.device_microbatch_size: {cfg.train.device_microbatch_size} must divide "
                         f"train.global_batch_size ({cfg.train.global_batch_size})")
-    problems += _data_problems(cfg.data)
+    problems += cfg.data.problems()
     problems += _monitor_problems(cfg.monitor)
     if problems:
         raise UserError("; ".join(problems))
@@ -261,73 +236,32 @@ def _monitor_problems(m: MonitorSection) -> list[str]:
     return problems
 
 
-# ---- typed conversion of plain YAML data into the dataclasses ----
-
-def _type_name(tp) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is Union:
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is list:
-        return f"a list of {_type_name(args[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
-
-
-def _convert(value, tp, key: str):
-    """Returns `value` as type `tp`, or raises ValueError. Ints are accepted where floats are."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
-        for arg in args:
-            try:
-                return _convert(value, arg, key)
-            except ValueError:
-                pass
-        raise ValueError
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ValueError
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError
-        return [_convert(v, args[0], key) for v in value]
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ValueError
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and FLOAT_RE.match(value):
-        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; users mean a number
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (str, bool) and isinstance(value, tp):
-        return value
-    raise ValueError
-
-
-def _build(cls, data: dict, prefix: str, unknown: list[str], wrong: list[str]):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+def _data_section(data: dict, unknown: list[str], wrong: list[str]) -> DataSection | None:
+    """The data section as its pipeline declares it. Keys another registered pipeline reads get a hint
+    saying so; the keys every data section carried before (LEGACY_DATA_KEYS) are accepted at their old
+    values, so the config.yaml of an earlier run still loads."""
+    if not isinstance(data, dict):
+        wrong.append(f"data: expected a section (a mapping of keys), got {data!r}")
+        return None
+    spec = data.get("pipeline", "causal_lm")
+    if not isinstance(spec, str):
+        wrong.append(f"data.pipeline: expected a registered name or an import path, got {spec!r}")
+        return None
+    cls = pipeline_class(spec)
+    fields = {f for f in cls.Section.__dataclass_fields__}
+    own = {}
     for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            unknown.append(f"{path}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
-            continue
-        tp = typing.get_type_hints(cls)[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                wrong.append(f"{path}: expected a section (a mapping of keys), got {value!r}")
-                continue
-            kwargs[key] = _build(tp, value, f"{path}.", unknown, wrong)
-            continue
-        try:
-            kwargs[key] = _convert(value, tp, path)
-        except ValueError:
-            wrong.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    return cls(**kwargs)
+        if key in fields or key not in LEGACY_DATA_KEYS:
+            own[key] = value
+        elif value != LEGACY_DATA_KEYS[key]:
+            readers = other_pipelines_reading(key, spec)
+            unknown.append(f"data.{key}: only the {' and '.join(readers)} pipeline{'s' if len(readers) > 1 else ''} "
+                           f"read{'' if len(readers) > 1 else 's'} it, and data.pipeline is {spec}; remove it")
+    if spec not in BUILTIN:
+        own["pipeline"] = components.normalise(spec, "data.pipeline")
+    section = schema.build(cls.Section, own, "data.", unknown, wrong)
+    section.pipeline_class = cls
+    return section
 
 
 def from_dict(data: dict) -> Config:
@@ -338,13 +272,15 @@ def from_dict(data: dict) -> Config:
         raise UserError("train.device_microbatch_size: auto (Composer's OOM-driven search) works only with "
                         "FSDP1 on GPUs, and rafale runs FSDP2; give a number of sequences")
     unknown, wrong = [], []
-    cfg = _build(Config, data, "", unknown, wrong)
+    data_section = _data_section(data["data"], unknown, wrong) if "data" in data else _default_data()
+    cfg = schema.build(Config, {k: v for k, v in data.items() if k != "data"}, "", unknown, wrong)
     problems = []
     if unknown:
         problems.append("unknown config key" + ("s" if len(unknown) > 1 else "") + ": " + ", ".join(unknown))
     problems += wrong
     if problems:
         raise UserError("; ".join(problems))
+    cfg.data = data_section
     _validate_values(cfg)
     return cfg
 
@@ -380,6 +316,8 @@ def bundled_configs() -> list[str]:
 
 def resolve_config_path(spec: str) -> Path:
     """`-c` takes a YAML path or the name of a bundled config."""
+    import difflib
+
     path = Path(spec).expanduser()
     if path.is_file():
         return path
@@ -400,6 +338,11 @@ def load_config(spec: str, overrides: list[str] = ()) -> Config:
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}: not valid YAML{where}; fix the file") from None
     return from_dict(apply_overrides(data, list(overrides)))
+
+
+def load_saved_config(path: Path) -> Config:
+    """A run directory's config.yaml."""
+    return from_dict(yaml.safe_load(Path(path).read_text()))
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -1,6 +1,6 @@
 """`rafale eval`: a run's latest checkpoint on its validation split, with the metrics training logs
-(the model's own `get_metrics` / `update_metric`, so the numbers are those of metrics.jsonl's
-metrics/eval/*), and for classifiers a confusion matrix over the label names.
+(its pipeline's `metrics` / `update_metric`, so the numbers are those of metrics.jsonl's
+metrics/eval/*), plus what the pipeline reports besides (a classifier's confusion matrix).
 
     causal_lm       LanguageCrossEntropy, LanguagePerplexity
     mlm             MaskedAccuracy, LanguageCrossEntropy (the same masks at every evaluation)
@@ -12,55 +12,44 @@ from pathlib import Path
 
 import torch
 
-from rafale import runs
-from rafale.checkpoints import read_model_state
 from rafale.errors import UserError
-from rafale.inference import load_run_config
+from rafale.runs import Run
 
 
 @torch.no_grad()
 def evaluate_run(run_dir: str | Path) -> dict:
-    """{"run", "checkpoint", "step", "samples", "metrics": {"metrics/eval/<name>": value},
-    and for classifiers "confusion_matrix": {"labels": [...], "matrix": rows = true, columns = predicted}}."""
-    from torchmetrics.classification import MulticlassConfusionMatrix
+    """{"run", "checkpoint", "step", "samples", "metrics": {"metrics/eval/<name>": value}, and what the
+    pipeline's eval_extras report (classifiers: "confusion_matrix": {"labels", "matrix": rows = true,
+    columns = predicted})}."""
+    from rafale.build import pipeline_of
+    from rafale.data.loaders import pipeline_loader
+    from rafale.inference import run_network
 
-    from rafale.data.collators import for_pipeline
-    from rafale.data.loaders import build_dataloader
-    from rafale.train import build_data, build_model
-
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    ckpt = runs.latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise UserError(f"--run {run_dir}: no checkpoint yet; train longer than train.save_interval "
-                        f"({cfg.train.save_interval}) or until the run completes")
-    data = build_data(cfg)
+    run = Run.open(run_dir)
+    cfg = run.config
+    ckpt = run.require_checkpoint()
+    data = pipeline_of(cfg).prepare()
     if data.val is None:
         raise UserError(f"--run {run_dir}: the run has no validation split (data.val is null and "
                         f"data.val_fraction is 0); there is nothing to evaluate on")
-    model = build_model(cfg, data.meta["vocab_size"], data.meta)
-    model.load_state_dict(read_model_state(ckpt))
+    network, pipeline, meta = run_network(run, meta=data.meta)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    metrics = {name: m.to(device) for name, m in model.get_metrics(is_train=False).items()}
-    labels = data.meta.get("labels")
-    confusion = MulticlassConfusionMatrix(num_classes=len(labels)).to(device) if labels else None
-    collator = for_pipeline(cfg.data.pipeline, data.meta, cfg.data.mlm_probability, cfg.run.seed)
-    loader = build_dataloader(data.val, batch_size=cfg.train.device_microbatch_size, shuffle=False,
-                              seed=cfg.run.seed, drop_last=False, collator=collator)
+    network.to(device)
+    metrics = {name: m.to(device) for name, m in pipeline.metrics(meta).items()}
+    extras = pipeline.eval_extras(meta, device)
+    loader = pipeline_loader(pipeline, data.val, meta, batch_size=cfg.train.device_microbatch_size, shuffle=False,
+                             seed=cfg.run.seed, drop_last=False)
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        outputs = model.eval_forward(batch)
+        outputs = pipeline.eval_forward(network, batch)
         for metric in metrics.values():
-            model.update_metric(batch, outputs, metric)
-        if confusion is not None:
-            confusion.update(outputs, batch["labels"])
+            pipeline.update_metric(batch, outputs, metric)
+        for extra in extras:
+            extra.update(batch, outputs)
     step = int(re.search(r"-ba(\d+)", ckpt.name).group(1))  # Composer's names: ep{E}-ba{B}-rank0.pt
-    result = {"run": str(run_dir), "checkpoint": str(ckpt), "step": step,
-              "samples": len(data.val),
+    result = {"run": str(run.path), "checkpoint": str(ckpt), "step": step, "samples": len(data.val),
               "metrics": {f"metrics/eval/{name}": float(m.compute()) for name, m in metrics.items()}}
-    if confusion is not None:
-        result["confusion_matrix"] = {"labels": labels, "matrix": confusion.compute().tolist()}
+    result.update(extra.result() for extra in extras)
     return result
 
 

@@ -1,9 +1,11 @@
 """`rafale export`: a run directory -> an HF transformers model directory.
 
-    OUT_DIR/config.json              GPTNeoXForCausalLM, LlamaForCausalLM, or Qwen2ForCausalLM (q/k/v biases)
+    OUT_DIR/config.json              the family's class for the run's task: GPTNeoXForCausalLM,
+                                     LlamaForCausalLM, Qwen2ForCausalLM, Bert/RobertaForMaskedLM or
+                                     Bert/RobertaForSequenceClassification (with id2label)
     OUT_DIR/model.safetensors        or model-0000N-of-0000M.safetensors + model.safetensors.index.json
     OUT_DIR/tokenizer.json           the run's tokenizer, as is
-    OUT_DIR/tokenizer_config.json    PreTrainedTokenizerFast, bos = eos = the run's document separator
+    OUT_DIR/tokenizer_config.json    PreTrainedTokenizerFast and the special tokens the pipeline names
 
 so that `AutoModelForCausalLM.from_pretrained(OUT_DIR)` and `AutoTokenizer.from_pretrained(OUT_DIR)` load
 it without trust_remote_code (test/test_hf_import_export.py checks the logits and greedy tokens).
@@ -15,14 +17,10 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
-
-from rafale import runs
 from rafale.checkpoints import checkpoint_weights
 from rafale.errors import UserError
-from rafale.inference import load_run_config
-from rafale.models.hf import HEAD, family_of, hf_config, save_weights
 from rafale.paths import resolve_tokenizer
+from rafale.runs import Run
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default, "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -40,41 +38,37 @@ def export_run(run_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 
     """Writes the run's latest checkpoint to `out_dir` (new or empty) as an HF model directory."""
     from tokenizers import Tokenizer
 
-    from rafale.data.pipelines import resolve_eos
-    from rafale.train import build_model
+    from rafale.inference import run_network
+    from rafale.models import FAMILIES, ModelError, family_of
+    from rafale.models.weights import save_weights, stored_names
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg = load_run_config(run_dir)
-    ckpt = runs.latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise UserError(f"--run {run_dir}: no checkpoint yet; train longer than train.save_interval "
-                        f"({cfg.train.save_interval}) or until the run completes")
+    run, out_dir = Run.open(run_dir), Path(out_dir)
+    ckpt = run.require_checkpoint()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         # Stale shards or an old index next to new ones would load as a mix of two models.
         raise UserError(f"--to-hf {out_dir}: exists and is not an empty directory; pick a new one")
-    if cfg.data.pipeline != "causal_lm":  # BERT / RoBERTa: *ForMaskedLM or *ForSequenceClassification
-        from rafale.models.hf_encoders import export_encoder
-
-        return export_encoder(cfg, ckpt, out_dir, max_shard_bytes)
-    tok_path = resolve_tokenizer(cfg.data.tokenizer)
-    tokenizer = Tokenizer.from_file(str(tok_path))
-    eos_token, eos_id = resolve_eos(tokenizer, cfg.data.eos_token, tok_path, "data")
-    # The run's model on the meta device: its config and tensor names and shapes, no memory.
-    with torch.device("meta"):
-        skeleton = build_model(cfg, tokenizer.get_vocab_size()).model
-    dcfg = skeleton.cfg
-    family_of(dcfg)  # a model with no transformers architecture fails here, before anything is written
-    # transformers re-ties a tied head from the embedding, so it is not written
-    weights, dtype = checkpoint_weights(ckpt, skeleton.state_dict(), skip={HEAD} if dcfg.tie_embeddings else set())
-
+    # The run's network on the meta device: its config and tensor names and shapes, no memory.
+    skeleton, pipeline, meta = run_network(run, skeleton=True)
+    net_cfg = getattr(skeleton, "cfg", None)
+    if net_cfg is None or not any(f.owns(net_cfg) for f in FAMILIES):
+        raise UserError(f"--run {run_dir}: its model ({run.config.to_dict()['model'].get('class', '?')}) is not "
+                        f"one of rafale's families; export writes presets and imported HF models only")
+    family, task = family_of(net_cfg), pipeline.task
+    state = skeleton.state_dict()
+    # transformers re-ties tied tensors (a tied head, BERT's MLM output matrix) from the one written
+    weights, dtype = checkpoint_weights(ckpt, {name: state[name] for name in stored_names(skeleton)})
+    tok_path = resolve_tokenizer(run.config.data.tokenizer)
+    tokens = pipeline.export_tokens(meta, Tokenizer.from_file(str(tok_path)), tok_path)
+    try:  # a model with no transformers architecture fails here, before anything is written
+        config = family.hf_config(net_cfg, task, dtype, labels=meta.get("labels") if task == "classification"
+                                  else None, **tokens["config"])
+    except ModelError as e:
+        raise UserError(f"--run {run_dir}: {e}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(dcfg, weights, out_dir, max_shard_bytes)
-    config = hf_config(dcfg, bos_token_id=eos_id, eos_token_id=eos_id, dtype=dtype)
+    save_weights(weights, family, net_cfg, task, out_dir, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.copyfile(tok_path, out_dir / "tokenizer.json")
-    # rafale's data pipeline puts the eos token between documents and adds no bos, so the separator
-    # is both, as in GPT-NeoX's and SmolLM2's own tokenizer configs.
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos_token, "eos_token": eos_token,
-                  "model_max_length": dcfg.max_seq_len, "clean_up_tokenization_spaces": False}
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens["tokenizer_config"],
+                  "model_max_length": net_cfg.max_seq_len, "clean_up_tokenization_spaces": False}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     return out_dir

@@ -1,50 +1,57 @@
-"""Loading a model for generation: a trained one back from a run directory, or an HF model directory."""
+"""Loading a trained network for use: back from a run directory's latest checkpoint (generate, eval,
+export), or from an HF model directory (generate --hf)."""
 
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
 
-from rafale.config import Config, from_dict
 from rafale.errors import UserError
 from rafale.paths import resolve_tokenizer
+from rafale.runs import Run
 
 
-def load_run_config(run_dir: Path) -> Config:
-    import yaml
+def run_network(run: Run, meta: dict | None = None, skeleton: bool = False):
+    """(network in eval mode, pipeline, meta) of a run: the network its config builds, holding its latest
+    checkpoint's weights (memory-mapped). `skeleton`: on the meta device, no weights (names and shapes)."""
+    from rafale.build import build_network, pipeline_of
+    from rafale.checkpoints import read_model_state
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"--run {run_dir}: not a run directory (no config.yaml); `rafale runs` lists them")
-    return from_dict(yaml.safe_load(path.read_text()))
+    cfg = run.config
+    pipeline = pipeline_of(cfg)
+    ckpt = run.require_checkpoint()
+    meta = meta if meta is not None else pipeline.model_meta()
+    if skeleton:
+        with torch.device("meta"):
+            return build_network(cfg, meta), pipeline, meta
+    network = build_network(cfg, meta)
+    state = read_model_state(ckpt)
+    network.load_state_dict({name.removeprefix("model."): t for name, t in state.items()})
+    return network.eval(), pipeline, meta
 
 
-def load_run(run_dir: Path):
-    """Returns (decoder in eval mode, tokenizer, config) from the run's latest complete checkpoint."""
-    from rafale.train import build_model
+def load_run(run_dir):
+    """Returns (network in eval mode, tokenizer, config) of a run whose model generates text."""
+    from rafale.build import pipeline_of
 
-    from rafale.checkpoints import latest_model_state
-
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    state = latest_model_state(run_dir)
-    tokenizer = Tokenizer.from_file(str(resolve_tokenizer(cfg.data.tokenizer)))
-    composer_model = build_model(cfg, tokenizer.get_vocab_size())
-    composer_model.load_state_dict(state)
-    decoder = composer_model.model.eval()
-    return decoder, tokenizer, cfg
+    run = Run.open(run_dir)
+    if not pipeline_of(run.config).generates:
+        raise UserError(f"--run {run_dir}: this is a {run.config.data.pipeline} run: an encoder does not generate "
+                        f"text; use `rafale eval` or `rafale export` on it")
+    network, _, _ = run_network(run)
+    tokenizer = Tokenizer.from_file(str(resolve_tokenizer(run.config.data.tokenizer)))
+    return network, tokenizer, run.config
 
 
 def load_hf(hf_dir: str):
-    """Returns (decoder in eval mode, tokenizer) from an HF model directory (see models/hf.py)."""
-    from rafale.models.decoder import Decoder
-    from rafale.models.hf import load_weights, model_config
+    """Returns (decoder in eval mode, tokenizer) from an HF model directory."""
+    from rafale.build import network_for
 
     path = Path(hf_dir).expanduser()
     if not path.is_dir():
         raise UserError(f"--hf {hf_dir}: not a directory; give an HF model directory (config.json, "
                         f"model.safetensors, tokenizer.json)")
-    decoder = Decoder(model_config(None, init_from=str(path), where="--hf"))
-    load_weights(decoder, path, where="--hf")
+    decoder = network_for("causal_lm", init_from=str(path), where="--hf")
     tokenizer = Tokenizer.from_file(str(resolve_tokenizer(str(path.resolve()), key="--hf")))
     if tokenizer.get_vocab_size() > decoder.cfg.vocab_size:
         raise UserError(f"--hf {hf_dir}: its tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model "

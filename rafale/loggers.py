@@ -75,16 +75,17 @@ class JsonlLogger(LoggerDestination):
 
 
 class RichProgress(LoggerDestination):
-    """A live bar with step, loss, lr, tokens/s and the latest eval loss (rank 0 only).
+    """A live bar with step, loss, lr, tokens/s and the latest validation figure (rank 0 only).
 
     Without a terminal (CI, pipes) it prints one plain line per eval and at the end instead.
     """
 
-    def __init__(self, total_label: str):
+    def __init__(self, total_label: str, eval_label: str = "val", eval_metric: str = "LanguageCrossEntropy"):
         from rich.console import Console
 
         self.console = Console(file=sys.stdout)
         self.total_label = total_label
+        self.eval_label, self.eval_metric = eval_label, f"metrics/eval/{eval_metric}"
         self.values: dict[str, float] = {}
         self.progress = None
         self.task = None
@@ -117,10 +118,10 @@ class RichProgress(LoggerDestination):
         parts = []
         if "loss/train/total" in v:
             parts.append(f"loss {v['loss/train/total']:.4f}")
-        if "metrics/eval/LanguageCrossEntropy" in v:
+        if self.eval_metric in v:
             # The step of that evaluation when it is not this one (a run stopped by a signal skips its final eval).
             at = f" (step {self.eval_step})" if self.eval_step != step else ""
-            parts.append(f"val {v['metrics/eval/LanguageCrossEntropy']:.4f}{at}")
+            parts.append(f"{self.eval_label} {v[self.eval_metric]:.4f}{at}")
         lr = next((val for k, val in v.items() if k.startswith("lr-")), None)
         if lr is not None:
             parts.append(f"lr {lr:.2e}")

@@ -101,11 +101,13 @@ def check_logger_packages(cfg: Config) -> None:
                             f"or remove {name}")
 
 
-def build_loggers(cfg: Config, run_dir: Path | None) -> list[LoggerDestination]:
-    """The progress display, metrics.jsonl, and the loggers named in monitor.loggers (those that
-    write files only with a run directory: DEBUG=1 runs keep to the console)."""
+def build_loggers(cfg: Config, run_dir: Path | None,
+                  progress_metric: tuple[str, str] = ("val", "LanguageCrossEntropy")) -> list[LoggerDestination]:
+    """The progress display (showing the pipeline's `progress_metric`: label, eval metric name),
+    metrics.jsonl, and the loggers named in monitor.loggers (those that write files only with a run
+    directory: DEBUG=1 runs keep to the console)."""
     m = cfg.monitor
-    loggers: list[LoggerDestination] = [RichProgress(cfg.train.max_duration)] if m.progress else []
+    loggers: list[LoggerDestination] = [RichProgress(cfg.train.max_duration, *progress_metric)] if m.progress else []
     if "console" in m.loggers:
         from composer.loggers import ConsoleLogger
 

@@ -1,7 +1,7 @@
 """Workarounds for bugs in the pinned libraries (mosaicml 0.32.1, torch 2.7.0), in one place.
 
-Each is applied once, on import of rafale.train, and says what breaks without it and when it can
-go (when the pin moves past the fix). The others live beside the code they serve: the WandB logger's
+Each is applied once, when training starts (rafale.train), and says what breaks without it and when
+it can go (when the pin moves past the fix). Nothing else (generate, eval, export) runs with them. The others live beside the code they serve: the WandB logger's
 checkpoint lookup and the FileLogger's per-launch file name (rafale/monitoring.py), and the HSDP
 mesh degree (rafale/train.py).
 """

@@ -1,4 +1,5 @@
-"""Run directories: where a config's run lives, its status, and the resume-or-refuse decision.
+"""Run directories: where a config's run lives, its status, the resume-or-refuse decision, and the
+`Run` object through which generate, eval, export and `rafale runs` read a run.
 
     $RAFALE_HOME/runs/<run.name>-<config hash>[-N]/
         config.yaml      the resolved config
@@ -10,6 +11,7 @@ Same config + completed run -> refuse (FORCE=1 starts a fresh `-N` directory). S
 interrupted, preempted or failed run -> resume it: Composer's autoresume loads the latest checkpoint.
 """
 
+import functools
 import json
 import os
 import re
@@ -21,6 +23,7 @@ from pathlib import Path
 from rafale.errors import UserError
 from rafale.paths import runs_dir
 
+CONFIG_FILE = "config.yaml"
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -133,17 +136,57 @@ def last_metrics(run_dir: Path) -> dict:
     return {}
 
 
+class Run:
+    """A run directory as the commands that read it see it: its config, status, checkpoints, metrics."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+
+    @classmethod
+    def open(cls, path: str | Path, where: str = "--run") -> "Run":
+        run = cls(path)
+        if not (run.path / CONFIG_FILE).is_file():
+            raise UserError(f"{where} {path}: not a run directory (no {CONFIG_FILE}); `rafale runs` lists them")
+        return run
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @functools.cached_property
+    def config(self):
+        from rafale.config import load_saved_config
+
+        return load_saved_config(self.path / CONFIG_FILE)
+
+    @property
+    def status(self) -> str:
+        return effective_status(read_status(self.path))
+
+    def latest_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.path)
+
+    def require_checkpoint(self, where: str = "--run") -> Path:
+        ckpt = self.latest_checkpoint()
+        if ckpt is None:
+            raise UserError(f"{where} {self.path}: no checkpoint yet; train longer than train.save_interval "
+                            f"({self.config.train.save_interval}) or until the run completes")
+        return ckpt
+
+    def last_metrics(self) -> dict:
+        return last_metrics(self.path)
+
+
 def list_runs() -> list[dict]:
     rows = []
     root = runs_dir()
     for run_dir in sorted(root.iterdir() if root.is_dir() else [], key=lambda p: p.stat().st_mtime):
-        if not (run_dir / "config.yaml").is_file():
+        if not (run_dir / CONFIG_FILE).is_file():
             continue
-        status = read_status(run_dir)
-        metrics = last_metrics(run_dir)
-        rows.append({"name": run_dir.name, "status": effective_status(status),
-                     "steps": metrics.get("step"), "loss": metrics.get("loss/train/total"),
-                     "path": str(run_dir)})
+        run = Run(run_dir)
+        metrics = run.last_metrics()
+        rows.append({"name": run.name, "status": run.status, "steps": metrics.get("step"),
+                     "loss": metrics.get("loss/train/total"), "path": str(run.path)})
     return rows
 
 

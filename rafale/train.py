@@ -1,6 +1,7 @@
-"""The one place that builds composer.Trainer from a config, and the train / prepare / debug flows.
+"""The run: the one place that builds composer.Trainer, and the train / prepare / debug flows around it
+(run directory, status, resume, signals). The objects it trains come from rafale/build.py.
 
-    build_data -> build_model -> build_optimizer -> build_scheduler -> build_trainer -> fit
+    build_data -> build_model -> build_optimizer / build_scheduler (build.py) -> build_trainer -> fit
 """
 
 import copy
@@ -14,108 +15,18 @@ from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
-from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
-                            DecoupledSGDW, LinearWithWarmupScheduler)
 from composer.utils import dist, get_device, reproducibility
 from composer.utils.misc import create_interval_scheduler
 
 from rafale import patches, runs
-from rafale.config import Config, save_config
-from rafale.data.cache import PreparedData, prepare_causal_lm
-from rafale.data.classification import prepare_classification
-from rafale.data.collators import for_pipeline
-from rafale.data.loaders import build_dataloader
-from rafale.data.mlm import prepare_mlm
+from rafale.build import (build_data, build_model, build_optimizer, build_scheduler, build_user_callbacks,
+                          check_components, pipeline_of)
+from rafale.config import Config, OptimSection, ScheduleSection, save_config
+from rafale.data.cache import PreparedData
+from rafale.data.loaders import pipeline_loader
 from rafale.errors import UserError
-from rafale.models.composer import CausalLM, build_model as build_causal_lm
-from rafale.models.encoder_heads import build_encoder_model
-from rafale.models.encoder_presets import ENCODER_PRESETS
 from rafale.monitoring import build_callbacks, build_loggers, build_profiler, check_logger_packages
-from rafale.optim import InverseSqrtWithWarmupScheduler, Lion, WSDScheduler
 from rafale.preemption import Preemption
-
-patches.apply()
-
-
-def build_data(cfg: Config) -> PreparedData:
-    d = cfg.data
-    common = dict(train=d.train, tokenizer=d.tokenizer, max_seq_len=d.max_seq_len, val=d.val,
-                  val_fraction=d.val_fraction, key_prefix="data")
-    if d.pipeline == "mlm":
-        return prepare_mlm(**common, doc_separator=d.doc_separator)
-    if d.pipeline == "classification":
-        return prepare_classification(**common, text_field=d.text_field, text_pair_field=d.text_pair_field,
-                                      label_field=d.label_field)
-    return prepare_causal_lm(**common, doc_separator=d.doc_separator, eos_token=d.eos_token)
-
-
-def build_model(cfg: Config, vocab_size: int, meta: dict | None = None) -> CausalLM:
-    """The preset with the config's size overrides (or model.init_from's weights), sized for the
-    tokenizer's vocabulary. The encoder pipelines (mlm, classification) take their special tokens and
-    label names from the data cache's `meta`."""
-    m = cfg.model
-    overrides = {k: getattr(m, k) for k in ("n_layers", "n_heads", "d_model", "d_ff", "max_seq_len")
-                 if getattr(m, k) is not None}
-    if cfg.data.pipeline != "causal_lm":
-        if meta is None:  # generation: the only caller without the data's meta
-            raise UserError(f"this is a {cfg.data.pipeline} run: an encoder does not generate text; use "
-                            f"`rafale eval` or `rafale export` on it")
-        model = build_encoder_model(cfg.data.pipeline, m.preset, vocab_size, meta["special"]["pad"][1],
-                                    labels=meta.get("labels"), overrides=overrides, init_from=m.init_from)
-    elif m.preset in ENCODER_PRESETS and m.init_from is None:
-        raise UserError(f"model.preset: {m.preset} is an encoder; train it with data.pipeline mlm or "
-                        f"classification, or pick a decoder preset for causal_lm")
-    else:
-        model = build_causal_lm(m.preset, vocab_size=vocab_size, overrides=overrides, init_from=m.init_from)
-    if model.model.cfg.max_seq_len < cfg.data.max_seq_len:
-        raise UserError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's max_seq_len "
-                        f"({model.model.cfg.max_seq_len}); lower it or set model.max_seq_len")
-    return model
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict]:
-    """Two groups: decayed, and the parameter kinds in `no_decay` (norm, bias, embedding)."""
-    kinds: dict[int, set[str]] = {}
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            k = kinds.setdefault(id(p), set())
-            if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or "norm" in type(module).__name__.lower():
-                k.add("norm")
-            if name == "bias":
-                k.add("bias")
-            if isinstance(module, torch.nn.Embedding):
-                k.add("embedding")
-    params = [p for p in model.parameters() if p.requires_grad]
-    skip = set(no_decay)
-    return [{"params": [p for p in params if not kinds[id(p)] & skip], "weight_decay": weight_decay},
-            {"params": [p for p in params if kinds[id(p)] & skip], "weight_decay": 0.0}]
-
-
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    groups = param_groups(model, o.weight_decay, o.no_decay)
-    if o.name == "adamw":
-        # fused: one kernel for all parameters; on CPU torch otherwise loops per parameter (83 ms of a
-        # ~1.5 s pythia-tiny step on one core, against 11 ms fused: bench/README.md).
-        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
-    if o.name == "decoupled_adamw":  # Composer's: decay not scaled by lr (Loshchilov & Hutter)
-        return DecoupledAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    if o.name == "sgd":
-        return DecoupledSGDW(groups, lr=o.lr, momentum=o.momentum)
-    return Lion(groups, lr=o.lr, betas=tuple(o.betas))
-
-
-def build_scheduler(cfg: Config):
-    s = cfg.schedule
-    if s.name == "cosine":
-        return CosineAnnealingWithWarmupScheduler(t_warmup=s.warmup, alpha_f=s.min_lr_ratio)
-    if s.name == "linear":
-        return LinearWithWarmupScheduler(t_warmup=s.warmup, alpha_i=1.0, alpha_f=s.min_lr_ratio)
-    if s.name == "inverse_sqrt":
-        return InverseSqrtWithWarmupScheduler(t_warmup=s.warmup)
-    if s.name == "wsd":
-        return WSDScheduler(t_warmup=s.warmup, t_decay=s.decay, alpha_f=s.min_lr_ratio, shape=s.decay_shape)
-    return ConstantWithWarmupScheduler(t_warmup=s.warmup)
 
 
 def resolve_precision(requested: str) -> str:
@@ -162,7 +73,7 @@ def check_parallelism(cfg: Config) -> None:
                         f"{world} processes, got {p.replicas}")
 
 
-def build_parallelism(cfg: Config, model: CausalLM) -> dict | None:
+def build_parallelism(cfg: Config, model) -> dict | None:
     """Composer's parallelism_config for train.parallelism; DDP needs none (Composer wraps the model
     in DDP whenever several processes run)."""
     check_parallelism(cfg)
@@ -223,21 +134,21 @@ def checkpoint_to_load(cfg: Config) -> dict:
     return {"load_path": str(path)}
 
 
-def build_trainer(cfg: Config, model: CausalLM, data: PreparedData, run_dir: Path | None,
+def build_trainer(cfg: Config, model, data: PreparedData, run_dir: Path | None,
                   extra_callbacks: list[Callback] = ()) -> Trainer:
     """`run_dir=None` is a throwaway run (DEBUG=1): no checkpoints, no metrics file, no resume."""
     t = cfg.train
     batch_size = per_device_batch_size(cfg)
-    collator = for_pipeline(cfg.data.pipeline, data.meta, cfg.data.mlm_probability, cfg.run.seed)
-    train_loader = build_dataloader(data.train, batch_size=batch_size, shuffle=True, collator=collator,
-                                    seed=cfg.run.seed, drop_last=True)
+    pipeline = pipeline_of(cfg)
+    train_loader = pipeline_loader(pipeline, data.train, data.meta, batch_size=batch_size, shuffle=True,
+                                   seed=cfg.run.seed, drop_last=True)
     if len(train_loader) == 0:
         raise UserError(f"train.global_batch_size ({t.global_batch_size}) is larger than the "
                         f"{len(data.train)} training blocks; lower it or add data")
     eval_loader = None
     if data.val is not None and len(data.val) and run_dir is not None:
-        eval_loader = build_dataloader(data.val, batch_size=batch_size, shuffle=False, collator=collator,
-                                       seed=cfg.run.seed, drop_last=False)
+        eval_loader = pipeline_loader(pipeline, data.val, data.meta, batch_size=batch_size, shuffle=False,
+                                      seed=cfg.run.seed, drop_last=False)
     preemption = next((c for c in extra_callbacks if isinstance(c, Preemption)), None)
     eval_interval = create_interval_scheduler(t.eval_interval, checkpoint_events=False,
                                               final_events={Event.FIT_END})  # as Composer makes it from a string
@@ -267,8 +178,8 @@ def build_trainer(cfg: Config, model: CausalLM, data: PreparedData, run_dir: Pat
         precision=resolve_precision(t.precision),
         parallelism_config=parallelism,
         compile_config={} if t.compile else None,
-        loggers=build_loggers(cfg, run_dir),
-        callbacks=[*build_callbacks(cfg), *extra_callbacks],
+        loggers=build_loggers(cfg, run_dir, progress_metric=pipeline.progress),
+        callbacks=[*build_callbacks(cfg), *build_user_callbacks(cfg), *extra_callbacks],
         profiler=build_profiler(cfg, run_dir),
         progress_bar=False,
         log_to_console=False,
@@ -297,17 +208,19 @@ def check_before_start(cfg: Config) -> None:
     check_parallelism(cfg)
     checkpoint_to_load(cfg)
     check_logger_packages(cfg)
+    check_components(cfg)
 
 
 def train(cfg: Config, force: bool = False) -> Path:
     """Trains the config's run to completion (resuming it if it was interrupted). Returns the run dir.
 
     Raises Preempted when a signal asked it to stop early (a checkpoint is saved first)."""
+    patches.apply()
     reproducibility.seed_all(cfg.run.seed)
     _start_distributed()
     check_before_start(cfg)
     data = build_data(cfg)
-    model = build_model(cfg, data.meta["vocab_size"], data.meta)
+    model = build_model(cfg, data.meta)
     run_dir, why = runs.choose_run_dir(f"{cfg.run.name}-{cfg.hash()}", force)
     dist.barrier()  # every rank has decided before rank 0 marks the run as running
     if dist.get_global_rank() == 0:
@@ -348,16 +261,10 @@ def train(cfg: Config, force: bool = False) -> Path:
 def prepare(cfg: Config) -> PreparedData:
     """DATA=1: build (or find) the data cache and say what is in it."""
     t0 = time.perf_counter()
-    data = build_data(cfg)
-    s = data.meta["stats"]
+    pipeline = pipeline_of(cfg)
+    data = pipeline.prepare()
     verb = "cache hit" if data.hit else f"built in {time.perf_counter() - t0:.1f}s"
-    if cfg.data.pipeline == "classification":
-        print(f"{verb}: {data.path}\n  {s['train_examples']:,} train + {s['val_examples']:,} val examples, "
-              f"{s['tokens']:,} tokens, {s['truncated']:,} truncated to {cfg.data.max_seq_len}; labels "
-              f"{', '.join(data.meta['labels'])}")
-        return data
-    print(f"{verb}: {data.path}\n  {s['documents']:,} documents, {s['tokens']:,} tokens, "
-          f"{s['train_blocks']:,} train + {s['val_blocks']:,} val blocks of {cfg.data.max_seq_len} tokens")
+    print(f"{verb}: {data.path}\n  {pipeline.report(data)}")
     return data
 
 
@@ -371,6 +278,7 @@ class _LossHistory(Callback):
 
 def debug_overfit(cfg: Config, fit_ratio: float = 0.2) -> bool:
     """DEBUG=1: train on one fixed batch; True if the final loss fell below `fit_ratio` x the first."""
+    patches.apply()
     reproducibility.seed_all(cfg.run.seed)
     data = build_data(cfg)
     n = min(cfg.train.device_microbatch_size, len(data.train))
@@ -378,12 +286,15 @@ def debug_overfit(cfg: Config, fit_ratio: float = 0.2) -> bool:
     one_batch = PreparedData(path=data.path, train=data.train[np.tile(np.arange(n), cfg.debug.steps)],
                              val=None, meta=data.meta, hit=data.hit)
     dbg = copy.deepcopy(cfg)
-    dbg.optim.lr, dbg.optim.weight_decay = cfg.debug.lr, 0.0
-    dbg.schedule.name, dbg.schedule.warmup = "constant", "0ba"
+    if isinstance(dbg.optim, OptimSection):
+        dbg.optim.lr, dbg.optim.weight_decay = cfg.debug.lr, 0.0
+    else:  # optim.class: the user's optimizer, at debug.lr
+        dbg.optim.kwargs.update(lr=cfg.debug.lr)
+    dbg.schedule = ScheduleSection(name="constant", warmup="0ba")
     dbg.train.max_duration = f"{cfg.debug.steps}ba"
     dbg.train.global_batch_size = dbg.train.device_microbatch_size = n * dist.get_world_size()
     history = _LossHistory()
-    model = build_model(cfg, data.meta["vocab_size"], data.meta)
+    model = build_model(cfg, data.meta)
     trainer = build_trainer(dbg, model, one_batch, run_dir=None, extra_callbacks=[history])
     trainer.fit()
     trainer.close()

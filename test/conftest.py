@@ -25,3 +25,27 @@ def run_cli(*args: str, home: Path, env: dict | None = None, cwd: Path | None = 
     full_env.update({"RAFALE_HOME": str(home), "PYTHONUNBUFFERED": "1"}, **(env or {}))
     return subprocess.run([sys.executable, "-m", "rafale", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def causal_lm(preset: str | None = None, vocab_size: int | None = None, overrides: dict | None = None,
+              init_from: str | None = None):
+    """The ComposerModel rafale trains for a causal-LM run of this model, built as rafale/build.py does."""
+    from rafale.build import network_for
+    from rafale.data.causal_lm import CausalLM
+    from rafale.task_model import TaskModel
+
+    network = network_for("causal_lm", preset, init_from, overrides, vocab_size)
+    return TaskModel(network, CausalLM(CausalLM.Section()), {})
+
+
+def encoder_model(task: str, preset: str | None, vocab_size: int, pad_id: int, labels: list[str] | None = None,
+                  overrides: dict | None = None, init_from: str | None = None):
+    """The ComposerModel of an mlm or classification run of this encoder, built as rafale/build.py does."""
+    from rafale.build import network_for
+    from rafale.data.classification import Classification
+    from rafale.data.mlm import MaskedLM
+    from rafale.task_model import TaskModel
+
+    network = network_for(task, preset, init_from, overrides, vocab_size, pad_id, labels)
+    pipeline = MaskedLM(MaskedLM.Section()) if task == "mlm" else Classification(Classification.Section())
+    return TaskModel(network, pipeline, {"labels": labels} if labels else {})

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from rafale.data import cache, pipelines
-from rafale.data.cache import prepare_causal_lm
+from rafale.data import cache, tokenize as pipelines
+from rafale.data.causal_lm import prepare_causal_lm
 from rafale.errors import UserError
 from rafale.paths import ASSETS_DIR, resolve_tokenizer
 
@@ -231,11 +231,12 @@ def test_damaged_or_interrupted_entries_are_rebuilt_not_reused(home, tmp_path):
 BUILDER = """
 import os, sys, time
 from rafale.data import cache
+from rafale.data.causal_lm import prepare_causal_lm
 def stop_before_rename(src, dst):  # the build is written, not yet in place: die here
     open(sys.argv[2], "w").close()
     time.sleep(600)
 cache.os.rename = stop_before_rename
-cache.prepare_causal_lm(sys.argv[1], "gpt-neox-20b", 32)
+prepare_causal_lm(sys.argv[1], "gpt-neox-20b", 32)
 """
 
 
@@ -261,7 +262,7 @@ def test_killed_builder_leaves_nothing_that_is_reused(home, tmp_path):
 
 RACER = """
 import sys, time
-from rafale.data.cache import prepare_causal_lm
+from rafale.data.causal_lm import prepare_causal_lm
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 print(prepare_causal_lm(sys.argv[1], "gpt-neox-20b", 64).hit)
 """
@@ -321,13 +322,13 @@ def test_eos_defaults_to_the_first_known_end_token(home, tmp_path):
 
 def test_dataloader_shapes_and_seeded_order(home, tmp_path):
     import torch
-    from rafale.data.loaders import build_dataloader
+    from rafale.data.loaders import BlockDataset, build_dataloader
 
     data = prepare_causal_lm(str(write(tmp_path / "s.txt", shakespeare(30_000))), NEOX, 32, val_fraction=0)
     n = len(data.train)
 
     def order(seed, shuffle=True, drop_last=True, batch_size=4):
-        batches = list(build_dataloader(data.train, batch_size, shuffle, seed, drop_last))
+        batches = list(build_dataloader(BlockDataset(data.train), batch_size, shuffle, seed, drop_last))
         assert all(b["input_ids"].dtype == torch.int64 for b in batches)
         return batches
 

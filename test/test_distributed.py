@@ -207,9 +207,12 @@ import json, sys
 from composer import Trainer
 from composer.utils import dist
 from rafale import train
-from rafale.models.composer import build_model
+from rafale.build import network_for
+from rafale.data.causal_lm import CausalLM
+from rafale.task_model import TaskModel
 
-model = build_model("pythia-micro", vocab_size=128, overrides={"n_layers": 1})
+network = network_for("causal_lm", "pythia-micro", vocab_size=128, overrides={"n_layers": 1})
+model = TaskModel(network, CausalLM(CausalLM.Section()), {})
 trainer = Trainer(model=model, parallelism_config={"fsdp": train._fsdp2_config(replicas=2)()}, device="cpu")
 weight = trainer.state.model.model.embed_in.weight
 with open(f"{sys.argv[1]}/rank{dist.get_global_rank()}.json", "w") as f:

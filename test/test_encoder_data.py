@@ -11,8 +11,9 @@ import torch
 from tokenizers import Tokenizer
 
 from rafale.data.classification import prepare_classification
-from rafale.data.collators import MLMCollator, PaddingCollator, for_pipeline
-from rafale.data.loaders import build_dataloader
+from rafale.data.classification import Classification, PaddingCollator
+from rafale.data.mlm import MLMCollator
+from rafale.data.loaders import BlockDataset, build_dataloader
 from rafale.data.mlm import prepare_mlm
 from rafale.errors import UserError
 from rafale.paths import ASSETS_DIR, resolve_tokenizer
@@ -115,7 +116,7 @@ def test_mlm_masks_are_new_each_epoch_fixed_for_eval_and_independent_of_batching
     collator = MLMCollator(103, 30522, [0, 100, 101, 102, 103], 0.15, seed=7)
 
     def epoch_labels(shuffle: bool, epoch: int, batch_size: int = 4):
-        loader = build_dataloader(blocks, batch_size, shuffle=shuffle, seed=7, drop_last=False, collator=collator)
+        loader = build_dataloader(BlockDataset(blocks), batch_size, shuffle=shuffle, seed=7, drop_last=False, collator=collator)
         loader.sampler.set_epoch(epoch)
         order = list(loader.sampler)
         rows = torch.cat([batch["labels"] for batch in loader])
@@ -198,7 +199,7 @@ def test_classification_cache_and_errors(home, tmp_path):
 
 def test_padding_collator(home):
     data = prepare_classification(str(SST2), "bert-base-uncased", 64, text_field="sentence", val_fraction=0)
-    collator = for_pipeline("classification", data.meta, 0.15, seed=0)
+    collator = Classification(Classification.Section()).collator(data.meta, seed=0)
     assert isinstance(collator, PaddingCollator)
     loader = build_dataloader(data.train, 8, shuffle=False, seed=0, drop_last=False, collator=collator)
     batch = next(iter(loader))

@@ -36,12 +36,12 @@ def last_eval(run_dir: Path) -> dict:
 def rafale_logits(run_dir: Path, batch: dict) -> torch.Tensor:
     """The run's latest checkpoint through rafale's own model."""
     from rafale import runs
-    from rafale.inference import load_run_config
-    from rafale.train import build_data, build_model
+    from rafale.build import build_data, build_model
+    from rafale.runs import Run
 
-    cfg = load_run_config(run_dir)
+    cfg = Run.open(run_dir).config
     data = build_data(cfg)
-    model = build_model(cfg, data.meta["vocab_size"], data.meta)
+    model = build_model(cfg, data.meta)
     ckpt = torch.load(runs.latest_checkpoint(run_dir), map_location="cpu", weights_only=False)
     model.load_state_dict(ckpt["state"]["model"])
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_roberta_mlm_trains_evaluates_and_exports(tmp_path, monkeypatch):
     ({"pipeline": "classification", "doc_separator": "\n\n"},
      "data.doc_separator: only the causal_lm and mlm pipelines read it"),
     ({"pipeline": "classification", "text_field": "a", "text_pair_field": "a"}, "data.text_pair_field: must name"),
-    ({"pipeline": "seq2seq"}, "data.pipeline: expected one of 'causal_lm', 'mlm', 'classification'"),
+    ({"pipeline": "seq2seq"}, "data.pipeline: unknown pipeline 'seq2seq'; registered: causal_lm, mlm, classification"),
 ])
 def test_encoder_config_errors_name_the_key(data, expected):
     with pytest.raises(UserError) as info:
@@ -182,11 +182,11 @@ def test_encoder_config_errors_through_the_cli(tmp_path):
 
 
 def test_encoder_preset_with_the_causal_pipeline_is_refused(tmp_path, monkeypatch):
-    from rafale.train import build_model
+    from rafale.build import build_model
 
     monkeypatch.setenv("RAFALE_HOME", str(tmp_path))
     with pytest.raises(UserError, match="model.preset: bert-tiny is an encoder; train it with data.pipeline mlm"):
-        build_model(from_dict({"model": {"preset": "bert-tiny"}}), 50277)
+        build_model(from_dict({"model": {"preset": "bert-tiny"}}), {"vocab_size": 50277})
 
 
 def test_eval_of_a_causal_lm_run_matches_its_logged_metrics(tmp_path, monkeypatch):
@@ -213,12 +213,12 @@ def test_eval_of_a_causal_lm_run_matches_its_logged_metrics(tmp_path, monkeypatc
                                                   ("roberta-imdb", "roberta-tiny", ["0", "1"])])
 def test_bundled_encoder_configs_prepare_and_build(name, preset, labels, tmp_path, monkeypatch):
     from rafale.config import load_config
-    from rafale.train import build_data, build_model
+    from rafale.build import build_data, build_model
 
     monkeypatch.setenv("RAFALE_HOME", str(tmp_path))
     cfg = load_config(name)
     data = build_data(cfg)
     assert data.meta.get("labels") == labels and len(data.train) > 0 and len(data.val) > 0
     with torch.device("meta"):
-        model = build_model(cfg, data.meta["vocab_size"], data.meta)
+        model = build_model(cfg, data.meta)
     assert cfg.model.preset == preset and model.model.cfg.max_seq_len >= cfg.data.max_seq_len

@@ -16,9 +16,33 @@ from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassifica
 
 from rafale.errors import UserError
 from rafale.models.encoder import Block, EncoderConfig, EncoderForClassification, EncoderForMaskedLM
-from rafale.models.encoder_heads import Classifier, MaskedLM, build_encoder_model
-from rafale.models.encoder_presets import ENCODER_PRESETS, get_encoder_preset
-from rafale.models.hf_encoders import CONFIG, encoder_config_from_hf, load_encoder_weights
+from rafale.data.classification import Classification
+from rafale.data.mlm import MaskedLM as MaskedLMPipeline
+from rafale.models import ModelError, preset_config as get_encoder_preset
+from rafale.models.bert import CONFIG, FAMILY as BERT, PRESETS as ENCODER_PRESETS
+from rafale.models.weights import load_weights, open_weights
+from rafale.task_model import TaskModel
+from test.conftest import encoder_model as build_encoder_model
+
+
+def load_encoder_weights(net, path):
+    """The one weight loader, as model.init_from runs it for an encoder (returns the fresh names)."""
+    task = "mlm" if isinstance(net, EncoderForMaskedLM) else "classification"
+    with open_weights(path) as source:
+        return load_weights(net, BERT, task, source, str(path))
+
+
+def encoder_config_from_hf(hf: dict, where: str):
+    return BERT.config_from_hf(hf)
+
+
+def MaskedLM(cfg):
+    return TaskModel(EncoderForMaskedLM(cfg), MaskedLMPipeline(MaskedLMPipeline.Section()), {})
+
+
+def Classifier(cfg, labels):
+    return TaskModel(EncoderForClassification(cfg, len(labels)), Classification(Classification.Section()),
+                     {"labels": labels})
 
 TOL = 1e-4
 HF_CLASSES = {("bert", "base"): BertModel, ("bert", "mlm"): BertForMaskedLM,
@@ -197,7 +221,7 @@ def test_import_errors_name_the_tensors(tmp_path):
     pair(cfg, "classification", tmp_path)
     path = tmp_path / "bert-classification"
     # Another number of labels: the classifier's shape is named, with the way out.
-    with pytest.raises(UserError, match=r"wrong shapes: classifier\.weight is \(3, 64\), expected \(2, 64\)"
+    with pytest.raises(ModelError, match=r"wrong shapes: classifier\.weight is \(3, 64\), expected \(2, 64\)"
                                         r".*start from its encoder alone"):
         load_encoder_weights(EncoderForClassification(cfg, 2), path)
     from safetensors import safe_open
@@ -208,11 +232,11 @@ def test_import_errors_name_the_tensors(tmp_path):
     tensors["bert.encoder.layer.0.extra.weight"] = torch.zeros(2)
     broken = tmp_path / "broken.safetensors"
     save_file(tensors, str(broken))
-    with pytest.raises(UserError, match=r"missing tensors: bert\.encoder\.layer\.1\.attention\.self\.key\.weight; "
+    with pytest.raises(ModelError, match=r"missing tensors: bert\.encoder\.layer\.1\.attention\.self\.key\.weight; "
                                         r"unexpected tensors: bert\.encoder\.layer\.0\.extra\.weight"):
         load_encoder_weights(EncoderForClassification(cfg, 3), broken)
     (tmp_path / "model.bin").write_bytes(b"pickle")
-    with pytest.raises(UserError, match="is not a .safetensors file"):
+    with pytest.raises(ModelError, match="is not a .safetensors file"):
         load_encoder_weights(EncoderForClassification(cfg, 3), tmp_path / "model.bin")
 
 
@@ -220,9 +244,9 @@ def test_hf_config_settings_rafale_does_not_implement_are_refused():
     hf = hf_config(CONFIGS["bert-4h"]).to_dict()
     for key, value in (("hidden_act", "relu"), ("position_embedding_type", "relative_key"),
                        ("problem_type", "multi_label_classification")):
-        with pytest.raises(UserError, match=f"{key}='{value}'"):
+        with pytest.raises(ModelError, match=f"{key}='{value}'"):
             encoder_config_from_hf({**hf, key: value}, "model.init_from x")
-    with pytest.raises(UserError, match="model_type 'gpt_neox' is not an encoder"):
+    with pytest.raises(ModelError, match="model_type 'gpt_neox' is not an encoder"):
         encoder_config_from_hf({"model_type": "gpt_neox"}, "model.init_from x")
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rafale.models.composer import CausalLM, TrainOutput, next_token_targets
-from rafale.models.decoder import DecoderConfig
+from rafale.data.causal_lm import CausalLM, TrainOutput, next_token_targets
+from rafale.task_model import TaskModel
+from rafale.models.decoder import Decoder, DecoderConfig
 from rafale.models.losses import linear_cross_entropy
 
 
@@ -75,7 +76,7 @@ def test_autocast_bf16_matches_the_plain_path_under_autocast():
 def test_causal_lm_trains_through_the_fused_loss_with_the_plain_gradients():
     cfg = DecoderConfig(vocab_size=700, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, init_std=0.1)
     torch.manual_seed(0)
-    model = CausalLM(cfg)
+    model = TaskModel(Decoder(cfg), CausalLM(CausalLM.Section()), {})
     x = torch.randint(0, cfg.vocab_size, (4, 40), generator=torch.Generator().manual_seed(1))
     labels = x.clone()
     labels[1, :12] = -100

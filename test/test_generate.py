@@ -9,9 +9,10 @@ from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaF
 
 from rafale.errors import UserError
 from rafale.generate import generate
-from rafale.models.composer import build_model
+from rafale.build import network_for
 from rafale.models.decoder import Decoder, DecoderConfig
-from rafale.models.hf_maps import GPT_NEOX, GPT_NEOX_CONFIG, rename
+from rafale.models.family import rename
+from rafale.models.gpt_neox import CONFIG as GPT_NEOX_CONFIG, NAMES as GPT_NEOX
 
 N_NEW = 32
 
@@ -37,7 +38,7 @@ def pair(request, tmp_path_factory):
                     p.normal_(0.0, 0.2)
         path = tmp_path_factory.mktemp(request.param)
         hf.save_pretrained(path)
-        return hf, build_model(None, init_from=str(path)).model.eval()
+        return hf, network_for("causal_lm", init_from=str(path)).eval()
     kw = dict(vocab_size=1000, d_model=64, n_layers=3, n_heads=4, max_seq_len=96, init_std=0.15)
     if request.param == "sequential-rot1.0":
         kw.update(parallel_residual=False, rotary_pct=1.0, n_heads=2)

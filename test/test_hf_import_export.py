@@ -19,10 +19,11 @@ from rafale.cli import main
 from rafale.errors import UserError
 from rafale.generate import generate
 from rafale.inference import load_run
-from rafale.models.composer import build_model
+from rafale.build import network_for
+from rafale.models import ModelError, preset_config as get_preset
 from rafale.models.decoder import Decoder
-from rafale.models.hf import hf_config, save_weights
-from rafale.models.presets import get_preset
+from rafale.models.llama import FAMILY as LLAMA
+from rafale.models.weights import save_weights
 from test.conftest import REPO, run_cli
 
 TOL = 1e-4
@@ -116,7 +117,7 @@ def test_llama_run_exports_and_generates_from_the_hf_dir(runs, tmp_path, capsys)
 
     # ... and the export imports back into rafale as a training starting point.
     ours, _, _ = load_run(runs["llama"])
-    again = build_model("gpt-tiny", init_from=str(out)).model.eval()  # a directory: the preset is ignored
+    again = network_for("causal_lm", "gpt-tiny", init_from=str(out)).eval()  # a directory: the preset is ignored
     x = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(again(x), ours(x))
@@ -136,7 +137,7 @@ def test_training_starts_from_an_hf_directory(runs, tmp_path):
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "home" / "runs").iterdir()
     tuned, _, _ = load_run(run_dir)
-    start = build_model(None, init_from=str(out)).model
+    start = network_for("causal_lm", init_from=str(out))
     diffs = [(a - b).abs().max().item() for a, b in zip(tuned.state_dict().values(), start.state_dict().values())]
     assert max(diffs) < 1e-6
 
@@ -174,15 +175,15 @@ def test_qwen2_style_model_exports_as_qwen2(tmp_path):
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0.0, 0.2)
-    save_weights(cfg, ours.state_dict(), tmp_path, max_shard_bytes=10**9)
-    (tmp_path / "config.json").write_text(json.dumps(hf_config(cfg, 0, 0, torch.float32)))
+    save_weights(ours.state_dict(), LLAMA, cfg, "causal_lm", tmp_path, max_shard_bytes=10**9)
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA.hf_config(cfg, "causal_lm", torch.float32, 0, 0)))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(hf, Qwen2ForCausalLM)
     x = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max() <= TOL
-    with pytest.raises(UserError, match="no transformers architecture.*mlp='swiglu' \\(it has 'gelu'\\)"):
-        hf_config(get_preset("gpt-micro", {"mlp": "gelu"}), 0, 0, torch.float32)
+    with pytest.raises(ModelError, match="no transformers architecture.*mlp='swiglu' \\(it has 'gelu'\\)"):
+        LLAMA.hf_config(get_preset("gpt-micro", {"mlp": "gelu"}), "causal_lm", torch.float32, 0, 0)
 
 
 # --- Broken and foreign checkpoints ---
@@ -259,16 +260,16 @@ def test_pickled_checkpoint_is_refused_without_loading_it(llama_dir, capsys):
     err = cli_error(capsys, llama_dir)
     assert "pytorch_model.bin is pickled: convert it" in err
     with pytest.raises(UserError, match=r"model.init_from: .*\.bin is not a \.safetensors file"):
-        build_model("gpt-micro", init_from=str(llama_dir / "pytorch_model.bin"))
+        network_for("causal_lm", "gpt-micro", init_from=str(llama_dir / "pytorch_model.bin"))
 
 
 def test_init_from_errors_name_the_config_key(llama_dir, tmp_path):
     with pytest.raises(UserError, match="model.init_from: .* does not exist"):
-        build_model("gpt-micro", init_from=str(tmp_path / "nowhere"))
+        network_for("causal_lm", "gpt-micro", init_from=str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="model.n_layers: the sizes of an init_from model come from its config.json"):
-        build_model(None, overrides={"n_layers": 3}, init_from=str(llama_dir))
+        network_for("causal_lm", overrides={"n_layers": 3}, init_from=str(llama_dir))
     with pytest.raises(UserError, match=r"model.max_seq_len \(128\) exceeds the 64 positions"):
-        build_model(None, overrides={"max_seq_len": 128}, init_from=str(llama_dir))
-    assert build_model(None, overrides={"max_seq_len": 32}, init_from=str(llama_dir)).model.cfg.max_seq_len == 32
+        network_for("causal_lm", overrides={"max_seq_len": 128}, init_from=str(llama_dir))
+    assert network_for("causal_lm", overrides={"max_seq_len": 32}, init_from=str(llama_dir)).cfg.max_seq_len == 32
     with pytest.raises(UserError, match="the tokenizer has 50277 tokens but model"):
-        build_model(None, vocab_size=50277, init_from=str(llama_dir))
+        network_for("causal_lm", vocab_size=50277, init_from=str(llama_dir))

@@ -14,11 +14,15 @@ from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaF
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from rafale.errors import UserError
-from rafale.models.composer import CausalLM, build_model
+from rafale.build import network_for
+from rafale.models import preset_config as get_preset, preset_names
 from rafale.models.decoder import Decoder, DecoderConfig, KVCache, rope_inv_freq
-from rafale.models.hf import hf_config
-from rafale.models.hf_maps import GPT_NEOX, GPT_NEOX_CONFIG, inverse, rename
-from rafale.models.presets import PRESETS, get_preset
+from rafale.models.family import inverse, rename
+from rafale.models.gpt_neox import CONFIG as GPT_NEOX_CONFIG, NAMES as GPT_NEOX
+from rafale.models.llama import FAMILY as LLAMA
+from rafale.data.causal_lm import CausalLM
+from rafale.task_model import TaskModel
+from test.conftest import causal_lm as build_model
 
 TOL = 1e-4
 
@@ -61,8 +65,7 @@ def test_logits_and_loss_match_transformers(name):
     with torch.no_grad():
         ref = hf(x, labels=labels)
         logits = ours(x)
-        lm = CausalLM(cfg)
-        lm.model = ours
+        lm = TaskModel(ours, CausalLM(CausalLM.Section()), {})
         loss = lm.loss(lm({"input_ids": x, "labels": labels}), {"input_ids": x, "labels": labels})
     diff = (logits - ref.logits).abs().max().item()
     print(f"{name}: max |logits - HF| = {diff:.2e}")
@@ -220,7 +223,7 @@ def test_pythia_presets_have_the_published_shapes():
         assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff) == (d, layers, heads, 4 * d)
         assert (cfg.vocab_size, cfg.max_seq_len, cfg.rotary_pct, cfg.rope_theta) == (50304, 2048, 0.25, 1e4)
         assert cfg.parallel_residual and not cfg.tie_embeddings
-    for name in PRESETS:
+    for name in preset_names('causal_lm'):
         get_preset(name)  # every preset is a valid config
 
 
@@ -228,7 +231,7 @@ def test_build_model_overrides_and_user_errors():
     cfg = build_model("pythia-tiny", overrides={"d_model": 256, "n_layers": 1}).model.cfg
     assert (cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.n_layers) == (256, 1024, 64, 1)  # d_ff follows d_model
     with pytest.raises(UserError, match="pythia-tiny"):
-        get_preset("pythia-tinny")
+        network_for("causal_lm", "pythia-tinny")
     with pytest.raises(UserError, match="model.n_head"):
         build_model("pythia-micro", overrides={"n_head": 2})
     with pytest.raises(UserError, match="divisible"):
@@ -256,7 +259,7 @@ def import_pair(hf_cls, hf_cfg, tmp_path, **save_kw):
     hf = hf_cls(hf_cfg).eval()
     randomize(hf)
     hf.save_pretrained(tmp_path, **save_kw)
-    ours = build_model(None, init_from=str(tmp_path)).model.eval()
+    ours = network_for("causal_lm", init_from=str(tmp_path)).eval()
     return hf, ours
 
 
@@ -329,10 +332,10 @@ def test_sharded_checkpoint_imports(tmp_path):
 def test_safetensors_file_with_a_preset(tmp_path):
     """A lone .safetensors file takes its shape from model.preset: here gpt-micro's, saved by transformers."""
     cfg = get_preset("gpt-micro")
-    hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, bos_token_id=0, eos_token_id=0, dtype=torch.float32)))
+    hf = LlamaForCausalLM(LlamaConfig(**LLAMA.hf_config(cfg, 'causal_lm', torch.float32, bos_token_id=0, eos_token_id=0)))
     randomize(hf.eval(), std=0.05)
     hf.save_pretrained(tmp_path)
-    ours = build_model("gpt-micro", vocab_size=50277, init_from=str(tmp_path / "model.safetensors")).model.eval()
+    ours = network_for("causal_lm", "gpt-micro", vocab_size=50277, init_from=str(tmp_path / "model.safetensors")).eval()
     x = torch.randint(0, 50277, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max() <= TOL
@@ -343,7 +346,7 @@ def test_safetensors_file_with_a_preset(tmp_path):
 def test_llama3_rope_frequencies_equal_transformers():
     """Llama-3.2-1B's real rope settings: rafale's frequencies are transformers' to the bit."""
     cfg = get_preset("llama-3.2-1b")
-    hf_cfg = LlamaConfig(**hf_config(cfg, bos_token_id=0, eos_token_id=0, dtype=torch.float32))
+    hf_cfg = LlamaConfig(**LLAMA.hf_config(cfg, 'causal_lm', torch.float32, bos_token_id=0, eos_token_id=0))
     ref = LlamaRotaryEmbedding(hf_cfg).inv_freq
     ours = rope_inv_freq(cfg)
     assert torch.equal(ours, ref)

@@ -8,7 +8,7 @@ import torch
 from composer.core import State, Timestamp
 from composer.devices import DeviceCPU
 
-from rafale import train
+from rafale import build, train
 from rafale.config import from_dict
 from rafale.errors import UserError
 from rafale.optim import Lion
@@ -28,7 +28,7 @@ def _lr_factors(scheduler, steps=range(0, TOTAL + 1)) -> list[float]:
 
 
 def _schedule(**kw):
-    return train.build_scheduler(from_dict({"schedule": kw, "train": {"max_duration": f"{TOTAL}ba"}}))
+    return build.build_scheduler(from_dict({"schedule": kw, "train": {"max_duration": f"{TOTAL}ba"}}))
 
 
 @pytest.mark.parametrize("shape, curve", [
@@ -62,7 +62,7 @@ def test_inverse_sqrt_cosine_linear_constant_closed_forms():
 
 
 def _tiny_model():
-    from rafale.models.composer import build_model
+    from test.conftest import causal_lm as build_model
 
     return build_model("pythia-micro", overrides={"n_layers": 1})
 
@@ -74,7 +74,7 @@ def _tiny_model():
 ])
 def test_weight_decay_grouping(no_decay, undecayed):
     model = _tiny_model()
-    decayed, skipped = train.param_groups(model, 0.1, no_decay)
+    decayed, skipped = build.param_groups(model, 0.1, no_decay)
     names = {id(p): n for n, p in model.named_parameters()}
 
     def kind(name):
@@ -105,7 +105,7 @@ def test_lion_matches_its_update_rule():
 @pytest.mark.parametrize("name, cls", [("adamw", "AdamW"), ("decoupled_adamw", "DecoupledAdamW"),
                                        ("sgd", "DecoupledSGDW"), ("lion", "Lion")])
 def test_optimizer_choice(name, cls):
-    opt = train.build_optimizer(from_dict({"optim": {"name": name}}), _tiny_model())
+    opt = build.build_optimizer(from_dict({"optim": {"name": name}}), _tiny_model())
     assert type(opt).__name__ == cls
 
 
@@ -171,14 +171,15 @@ def test_checkpoint_loading_modes_and_keep_last(rafale_home, tmp_path):
     source = train.train(_config(tmp_path, max_duration="6ba", keep_checkpoints=1))
     ckpts = sorted(p.name for p in (source / "checkpoints").glob("ep*"))
     assert ckpts == ["ep0-ba6-rank0.pt"]  # keep_checkpoints=1 removed ba3
-    from rafale.checkpoints import latest_model_state
+    from rafale.checkpoints import read_model_state
+    from rafale.runs import Run
 
-    trained = latest_model_state(source)
+    trained = read_model_state(Run.open(source).require_checkpoint())
 
     def start(mode):
         cfg = _config(tmp_path, max_duration="4ba", load_from=str(source), load_mode=mode)
-        data = train.build_data(cfg)
-        model = train.build_model(cfg, data.meta["vocab_size"])
+        data = build.build_data(cfg)
+        model = build.build_model(cfg, data.meta)
         trainer = train.build_trainer(cfg, model, data, rafale_home / f"runs/{mode}")
         return trainer
 
@@ -215,9 +216,9 @@ def test_compiled_training_matches_eager(rafale_home, tmp_path):
     losses = {}
     for compile in (False, True):
         cfg = _config(tmp_path, max_duration="3ba", compile=compile)
-        data = train.build_data(cfg)
+        data = build.build_data(cfg)
         torch.manual_seed(0)
-        model = train.build_model(cfg, data.meta["vocab_size"])
+        model = build.build_model(cfg, data.meta)
         history = train._LossHistory()
         torch._dynamo.reset()
         trainer = train.build_trainer(cfg, model, data, run_dir=None, extra_callbacks=[history])

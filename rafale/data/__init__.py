@@ -1,6 +1,6 @@
-"""Data: the causal-LM pipeline (pipelines.py), the masked-LM (mlm.py) and classification
-(classification.py) pipelines, the disk cache they share (cache.py), torch loaders (loaders.py) and the
-encoder pipelines' batch collators (collators.py: MLM masking, padding).
+"""Data: the pipelines (causal_lm.py, mlm.py, classification.py: one module each, on the protocol and
+registry in pipeline.py), the disk cache they share (cache.py), text-to-ids helpers (tokenize.py), and
+the torch DataLoaders (loaders.py).
 
-Nothing is imported here, so preparing data (cache.py) never pays for importing torch.
+Nothing is imported here, so preparing data never pays for importing torch.
 """

@@ -1,5 +1,6 @@
-"""The data cache: tokenized datasets on disk, built once and memory-mapped after. Every pipeline
-(causal_lm here; mlm.py, classification.py) stores its entries through `load_or_build`:
+"""The data cache: tokenized datasets on disk, built once and memory-mapped after. The skeleton every
+pipeline shares (causal_lm.py, mlm.py, classification.py): resolving its inputs, the key, the token
+dtype, the held-out split, and the atomic build, through `prepare_entry`:
 
     $RAFALE_HOME/data/<pipeline>-<key[:16]>/
         <name>.npy  the pipeline's arrays, e.g. causal_lm's train.npy (n_train_blocks, max_seq_len) and
@@ -30,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from rafale.data import pipelines
+from rafale.data import tokenize
 from rafale.errors import UserError
 from rafale.paths import data_cache_dir, resolve_tokenizer
 
@@ -64,22 +65,64 @@ def _describe(path: Path) -> dict:
     return {"path": str(path), "bytes": size, "sha256": digest}
 
 
-def resolve_inputs(train, val, tokenizer: str, key_prefix: str):
-    """A pipeline's config strings resolved: (paths per split, tokenizer.json path, its bytes,
-    the described sources for the key and meta). Shared by every pipeline."""
-    paths = {"train": pipelines.list_sources(train, f"{key_prefix}.train"),
-             "val": pipelines.list_sources(val, f"{key_prefix}.val") if val is not None else []}
+def token_dtype(vocab_size: int) -> type:
+    # Ids go up to vocab_size - 1, so uint16 holds vocabularies of up to 65,536 tokens.
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def held_out(n: int, val_fraction: float, unit: str, key_prefix: str, fix: str) -> int:
+    """How many of `n` items (blocks, rows) the last-val_fraction split holds out, at least one when the
+    fraction is not 0. Taking the last ones (as nanoGPT does for Tiny Shakespeare) keeps the held-out
+    text contiguous, so it overlaps the training text at a single boundary only, and needs no seed."""
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    if n <= n_val:
+        raise UserError(f"{key_prefix}.train: {n:,} {unit}(s), too few for 1 training plus {n_val} validation "
+                        f"{unit}(s); {fix} or set {key_prefix}.val_fraction to 0")
+    return n_val
+
+
+@dataclasses.dataclass
+class Inputs:
+    """A pipeline's sources and tokenizer, resolved: what its build reads."""
+    paths: dict[str, list[Path]]  # "train" and "val" (possibly empty) files, in order
+    tokenizer_path: Path
+    tokenizer_json: bytes
+    sources: dict[str, list[dict]]  # per split, each file's path, size and sha256
+
+    def tokenizer(self):
+        return tokenize.load_tokenizer(self.tokenizer_json.decode("utf-8"))
+
+
+def resolve_inputs(train, val, tokenizer: str, key_prefix: str) -> Inputs:
+    paths = {"train": tokenize.list_sources(train, f"{key_prefix}.train"),
+             "val": tokenize.list_sources(val, f"{key_prefix}.val") if val is not None else []}
     tok_path = resolve_tokenizer(tokenizer, f"{key_prefix}.tokenizer")
-    return paths, tok_path, tok_path.read_bytes(), describe_sources(paths)
+    sources = {split: [_describe(p) for p in ps] for split, ps in paths.items()}
+    return Inputs(paths, tok_path, tok_path.read_bytes(), sources)
 
 
-def describe_sources(paths: dict[str, list[Path]]) -> dict[str, list[dict]]:
-    """Per split, each file's path, size and sha256 (the sha256s go into the key, the rest into meta)."""
-    return {split: [_describe(p) for p in ps] for split, ps in paths.items()}
+def prepare_entry(pipeline: str, train, val, tokenizer: str, max_seq_len: int, val_fraction: float,
+                  options: dict, build: Callable[[Inputs], tuple[dict[str, np.ndarray], dict]],
+                  key_prefix: str = "data") -> tuple[Path, dict[str, np.ndarray], dict, bool]:
+    """The cache entry of one pipeline's data: (directory, arrays memory-mapped, meta, hit).
 
+    The key is exactly what decides the arrays: the pipeline, its `options`, max_seq_len, val_fraction
+    (left out with explicit val sources, where it plays no part), the tokenizer's bytes and every
+    source's bytes. `build(inputs) -> (arrays, meta)` runs on a miss only; the skeleton adds to its
+    meta what every entry records (options, tokenizer path and hash, sources, total bytes)."""
+    inputs = resolve_inputs(train, val, tokenizer, key_prefix)
+    options = {**options, "max_seq_len": max_seq_len, "val_fraction": None if inputs.paths["val"] else val_fraction}
+    tok_sha = hashlib.sha256(inputs.tokenizer_json).hexdigest()
 
-def source_key(sources: dict[str, list[dict]]) -> dict[str, list[str]]:
-    return {split: [s["sha256"] for s in ss] for split, ss in sources.items()}
+    def build_with_meta():
+        arrays, meta = build(inputs)
+        meta["stats"]["bytes"] = sum(s["bytes"] for ss in inputs.sources.values() for s in ss)
+        meta["tokenizer"] = {"path": str(inputs.tokenizer_path), "sha256": tok_sha, **meta.get("tokenizer", {})}
+        return arrays, {"options": options, **meta, "sources": inputs.sources}
+
+    key_fields = {"options": options, "tokenizer_sha256": tok_sha,
+                  "sources": {split: [s["sha256"] for s in ss] for split, ss in inputs.sources.items()}}
+    return load_or_build(pipeline, key_fields, build_with_meta)
 
 
 def load_or_build(pipeline: str, key_fields: dict,
@@ -109,41 +152,6 @@ def load_or_build(pipeline: str, key_fields: dict,
     entry = open_entry(final, key)
     assert entry is not None, f"the cache entry just built at {final} does not open"
     return final, *entry, False
-
-
-def prepare_causal_lm(train: str | list[str], tokenizer: str, max_seq_len: int,
-                      val: str | list[str] | None = None, val_fraction: float = 0.05,
-                      doc_separator: str | None = None, eos_token: str | None = None,
-                      key_prefix: str = "data") -> PreparedData:
-    """The causal-LM blocks for these sources (see pipelines.py), from the cache or built now."""
-    if max_seq_len < 2:
-        raise UserError(f"{key_prefix}.max_seq_len: must be at least 2 (a block holds the inputs and "
-                        f"their next-token targets), got {max_seq_len}")
-    paths, tok_path, tok_bytes, sources = resolve_inputs(train, val, tokenizer, key_prefix)
-    # With explicit val files, val_fraction plays no part, so it stays out of the key.
-    options = {"doc_separator": doc_separator, "eos_token": eos_token, "max_seq_len": max_seq_len,
-               "val_fraction": None if paths["val"] else val_fraction}
-    tok_sha = hashlib.sha256(tok_bytes).hexdigest()
-
-    def build():
-        tok = pipelines.load_tokenizer(tok_bytes.decode("utf-8"))
-        eos, eos_id = pipelines.resolve_eos(tok, eos_token, tok_path, key_prefix)
-        vocab_size = tok.get_vocab_size(with_added_tokens=True)  # ~10 ms per call: once
-        train_blocks, val_blocks, stats = pipelines.build_causal_lm(
-            paths["train"], paths["val"], tok, vocab_size, max_seq_len, val_fraction, doc_separator,
-            eos_id, key_prefix)
-        stats["bytes"] = sum(s["bytes"] for ss in sources.values() for s in ss)
-        meta = {"options": options, "tokenizer": {"path": str(tok_path), "sha256": tok_sha, "eos_token": eos,
-                                                  "eos_id": eos_id},
-                "vocab_size": vocab_size, "dtype": str(train_blocks.dtype), "sources": sources, "stats": stats}
-        return {"train": train_blocks, "val": val_blocks}, meta
-
-    path, arrays, meta, hit = load_or_build(
-        pipelines.PIPELINE, {"options": options, "tokenizer_sha256": tok_sha, "sources": source_key(sources)},
-        build)
-    val_blocks = arrays["val"]
-    return PreparedData(path=path, train=arrays["train"], val=val_blocks if len(val_blocks) else None,
-                        meta=meta, hit=hit)
 
 
 def open_entry(path: Path, key: str) -> tuple[dict[str, np.ndarray], dict] | None:

@@ -1,6 +1,7 @@
-"""The classification datapipe: rows of text (or a text pair) and a label -> token ids with the
+"""The classification pipeline: rows of text (or a text pair) and a label -> token ids with the
 tokenizer's own [CLS] a [SEP] (b [SEP]) framing, truncated to max_seq_len, cached like the other
-pipelines (cache.py). Padding happens per batch in the collator (collators.py).
+pipelines (cache.py); padding per batch in `PaddingCollator`; cross-entropy over the labels, accuracy,
+macro F1 and (in `rafale eval`) a confusion matrix.
 
     files: .jsonl (one JSON object per line), .csv, .tsv (header row; no quoting, as GLUE), .parquet;
       a file, a list, or a directory of them
@@ -10,23 +11,26 @@ pipelines (cache.py). Padding happens per batch in the collator (collators.py).
       -> train / val: explicit val files, or the LAST `val_fraction` of the rows
 
 Stored ragged: <split>_ids (all token ids, concatenated), <split>_offsets (n + 1), <split>_labels (n),
-and <split>_types (segment ids) for pairs. meta.json keeps the label names. It imports no torch.
+and <split>_types (segment ids) for pairs. meta.json keeps the label names.
 """
 
 import csv
-import hashlib
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from rafale.data import pipelines
-from rafale.data.cache import PreparedData, load_or_build, resolve_inputs, source_key
+from rafale.data import cache, tokenize
+from rafale.data.cache import PreparedData
+from rafale.data.mlm import encoder_flops, encoder_inputs, encoder_tokens
+from rafale.data.pipeline import DataSection, Pipeline
 from rafale.errors import UserError
+from rafale.schema import results
 
-PIPELINE = "classification"
 FORMATS = (".jsonl", ".csv", ".tsv", ".parquet")
 INT_LABEL = re.compile(r"^\s*\d+\s*$")
 
@@ -68,7 +72,7 @@ def read_rows(path: Path, key: str) -> list[dict]:
             return pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a damaged or non-parquet file
             raise UserError(f"{key}: {path} is not a readable parquet file ({e})") from None
-    text = pipelines.read_text(path, key)
+    text = tokenize.read_text(path, key)
     if suffix == ".jsonl":
         rows = []
         # "\n" only: str.splitlines would also cut at U+2028 and other separators inside JSON strings.
@@ -126,7 +130,7 @@ def label_ids(train: list, val: list, key_prefix: str) -> tuple[list[str], np.nd
     return names, ids[:len(train)], ids[len(train):]
 
 
-def tokenize(tok, texts: list[str], pairs: list[str] | None, max_seq_len: int, dtype, key: str) -> tuple[dict, int]:
+def encode(tok, texts: list[str], pairs: list[str] | None, max_seq_len: int, dtype, key: str) -> tuple[dict, int]:
     """Arrays ids / offsets (/ types for pairs) and the number of examples truncated."""
     for name, column in (("text_field", texts), ("text_pair_field", pairs or [])):
         bad = next((v for v in column if not isinstance(v, str)), None)
@@ -144,6 +148,20 @@ def tokenize(tok, texts: list[str], pairs: list[str] | None, max_seq_len: int, d
     return arrays, sum(1 for e in encodings if e.overflowing)
 
 
+@dataclass
+class ClassificationData(DataSection):
+    text_field: str = results("text")  # the column holding the text
+    text_pair_field: Optional[str] = results(None)  # a second text column (sentence pairs)
+    label_field: str = results("label")  # the column holding the label
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.text_pair_field is not None and self.text_pair_field == self.text_field:
+            problems.append(f"data.text_pair_field: must name another column than data.text_field "
+                            f"('{self.text_field}')")
+        return problems
+
+
 def prepare_classification(train: str | list[str], tokenizer: str, max_seq_len: int, text_field: str = "text",
                            label_field: str = "label", text_pair_field: str | None = None,
                            val: str | list[str] | None = None, val_fraction: float = 0.05,
@@ -151,26 +169,21 @@ def prepare_classification(train: str | list[str], tokenizer: str, max_seq_len: 
     """The tokenized, labelled examples of these tables, from the cache or built now."""
     if max_seq_len < 3:
         raise UserError(f"{key_prefix}.max_seq_len: must be at least 3 ([CLS], text, [SEP]), got {max_seq_len}")
-    paths, tok_path, tok_bytes, sources = resolve_inputs(train, val, tokenizer, key_prefix)
-    tok_sha = hashlib.sha256(tok_bytes).hexdigest()
     fields = {"text_field": text_field, "text_pair_field": text_pair_field, "label_field": label_field}
-    options = {**fields, "max_seq_len": max_seq_len, "val_fraction": None if paths["val"] else val_fraction}
 
-    def build():
-        tok = pipelines.load_tokenizer(tok_bytes.decode("utf-8"))
-        special = pipelines.special_tokens(tok, f"{key_prefix}.tokenizer", tok_path, need=("cls", "sep", "pad"))
+    def build(inputs: cache.Inputs):
+        tok = inputs.tokenizer()
+        special = tokenize.special_tokens(tok, f"{key_prefix}.tokenizer", inputs.tokenizer_path,
+                                          need=("cls", "sep", "pad"))
         if tok.encode("a").ids[:1] != [special["cls"][1]]:
-            raise UserError(f"{key_prefix}.tokenizer: {tok_path} adds no {special['cls'][0]} in front of a text "
-                            f"(no post-processor); the classifier reads its label off that token")
+            raise UserError(f"{key_prefix}.tokenizer: {inputs.tokenizer_path} adds no {special['cls'][0]} in front "
+                            f"of a text (no post-processor); the classifier reads its label off that token")
         vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-        columns = {split: read_split(ps, fields, f"{key_prefix}.{split}") for split, ps in paths.items() if ps}
+        dtype = cache.token_dtype(vocab_size)
+        columns = {split: read_split(ps, fields, f"{key_prefix}.{split}") for split, ps in inputs.paths.items() if ps}
         if "val" not in columns:
             n = len(columns["train"]["label_field"])
-            n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
-            if n <= n_val:
-                raise UserError(f"{key_prefix}.train: {n} row(s), too few for 1 training plus {n_val} validation "
-                                f"row(s); add rows or set {key_prefix}.val_fraction to 0")
+            n_val = cache.held_out(n, val_fraction, "row", key_prefix, "add rows")
             whole = columns.pop("train")
             columns = {"train": {k: v[:n - n_val] for k, v in whole.items()},
                        "val": {k: v[n - n_val:] for k, v in whole.items()}}
@@ -179,23 +192,21 @@ def prepare_classification(train: str | list[str], tokenizer: str, max_seq_len: 
         arrays, stats = {}, {"examples": 0, "tokens": 0, "truncated": 0}
         for split, labels in (("train", train_ids), ("val", val_ids)):
             c = columns[split]
-            tokens, truncated = tokenize(tok, c["text_field"], c.get("text_pair_field"), max_seq_len, dtype,
-                                         f"{key_prefix}.{split}")
+            tokens, truncated = encode(tok, c["text_field"], c.get("text_pair_field"), max_seq_len, dtype,
+                                       f"{key_prefix}.{split}")
             arrays.update({f"{split}_{k}": v for k, v in tokens.items()}, **{f"{split}_labels": labels})
             stats[f"{split}_examples"] = len(labels)
             stats["examples"] += len(labels)
             stats["tokens"] += len(tokens["ids"])
             stats["truncated"] += truncated
-        stats["bytes"] = sum(s["bytes"] for ss in sources.values() for s in ss)
         counts = {split: np.bincount(ids, minlength=len(names)).tolist()
                   for split, ids in (("train", train_ids), ("val", val_ids))}
-        meta = {"options": options, "tokenizer": {"path": str(tok_path), "sha256": tok_sha}, "special": special,
-                "labels": names, "label_counts": counts, "vocab_size": vocab_size, "dtype": dtype.__name__,
-                "sources": sources, "stats": stats}
+        meta = {"special": special, "labels": names, "label_counts": counts, "vocab_size": vocab_size,
+                "dtype": np.dtype(dtype).name, "stats": stats}
         return arrays, meta
 
-    path, arrays, meta, hit = load_or_build(
-        PIPELINE, {"options": options, "tokenizer_sha256": tok_sha, "sources": source_key(sources)}, build)
+    path, arrays, meta, hit = cache.prepare_entry(Classification.name, train, val, tokenizer, max_seq_len,
+                                                  val_fraction, fields, build, key_prefix)
 
     def split(name: str) -> Examples:
         return Examples(arrays[f"{name}_ids"], arrays[f"{name}_offsets"], arrays[f"{name}_labels"],
@@ -203,3 +214,99 @@ def prepare_classification(train: str | list[str], tokenizer: str, max_seq_len: 
 
     return PreparedData(path=path, train=split("train"), val=split("val") if meta["stats"]["val_examples"] else None,
                         meta=meta, hit=hit)
+
+
+class PaddingCollator:
+    """Pads a batch of examples to its longest one: input_ids (pad id), attention_mask (0 on padding),
+    token_type_ids (pairs only), labels (B,)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        import torch
+
+        T = max(len(s["input_ids"]) for s in samples)
+        B = len(samples)
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        types = torch.zeros((B, T), dtype=torch.long) if "token_type_ids" in samples[0] else None
+        for r, s in enumerate(samples):
+            n = len(s["input_ids"])
+            ids[r, :n] = torch.from_numpy(s["input_ids"].astype(np.int64))
+            mask[r, :n] = 1
+            if types is not None:
+                types[r, :n] = torch.from_numpy(s["token_type_ids"].astype(np.int64))
+        batch = {"input_ids": ids, "attention_mask": mask,
+                 "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long)}
+        if types is not None:
+            batch["token_type_ids"] = types
+        return batch
+
+
+class ConfusionMatrix:
+    """`rafale eval`'s confusion matrix over the label names: rows true labels, columns predictions."""
+
+    def __init__(self, labels: list[str], device):
+        from torchmetrics.classification import MulticlassConfusionMatrix
+
+        self.labels = labels
+        self.metric = MulticlassConfusionMatrix(num_classes=len(labels)).to(device)
+
+    def update(self, batch: dict, outputs) -> None:
+        self.metric.update(outputs, batch["labels"])
+
+    def result(self) -> tuple[str, dict]:
+        return "confusion_matrix", {"labels": self.labels, "matrix": self.metric.compute().tolist()}
+
+
+class Classification(Pipeline):
+    name = "classification"
+    Section = ClassificationData
+    task = "classification"
+    progress = ("val acc", "MulticlassAccuracy")
+
+    def prepare(self) -> PreparedData:
+        d = self.data
+        return prepare_classification(d.train, d.tokenizer, d.max_seq_len, text_field=d.text_field,
+                                      label_field=d.label_field, text_pair_field=d.text_pair_field, val=d.val,
+                                      val_fraction=d.val_fraction)
+
+    def report(self, prepared) -> str:
+        s = prepared.meta["stats"]
+        return (f"{s['train_examples']:,} train + {s['val_examples']:,} val examples, {s['tokens']:,} tokens, "
+                f"{s['truncated']:,} truncated to {self.data.max_seq_len}; labels {', '.join(prepared.meta['labels'])}")
+
+    def dataset(self, rows):
+        return rows  # Examples index like a torch Dataset
+
+    def collator(self, meta: dict, seed: int) -> PaddingCollator:
+        return PaddingCollator(meta["special"]["pad"][1])
+
+    def forward(self, network, batch: dict, training: bool):
+        return network(*encoder_inputs(batch))  # (B, num_labels)
+
+    def loss(self, outputs, batch: dict):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(outputs.float(), batch["labels"])
+
+    def metrics(self, meta: dict) -> dict:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        k = len(meta["labels"])
+        # Accuracy over all examples; F1 averaged over classes with equal weight (macro).
+        return {"MulticlassAccuracy": MulticlassAccuracy(num_classes=k, average="micro"),
+                "MulticlassF1Score": MulticlassF1Score(num_classes=k, average="macro")}
+
+    def update_metric(self, batch: dict, outputs, metric) -> None:
+        metric.update(outputs, batch["labels"])
+
+    def flops(self, network, batch: dict) -> float:
+        return encoder_flops(network, batch)
+
+    def eval_extras(self, meta: dict, device=None) -> list:
+        return [ConfusionMatrix(meta["labels"], device)]
+
+    def export_tokens(self, meta: dict, tokenizer, tokenizer_path) -> dict:
+        return encoder_tokens(tokenizer, tokenizer_path)

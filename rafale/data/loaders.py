@@ -25,14 +25,21 @@ class BlockDataset(Dataset):
         return {"input_ids": torch.from_numpy(self.blocks[i].astype(np.int64))}
 
 
-def build_dataloader(rows, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
+def build_dataloader(dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
                      collator=None) -> DataLoader:
     """`batch_size` is per device. The sampler is Composer's DistributedSampler: each rank reads its
     own shard, and Composer calls set_epoch on it every epoch and, when a run resumes, replays
-    it to the batch it stopped at, so the order depends only on the seed. `rows` are causal-LM blocks,
-    or with a `collator` (collators.py: MLM masking, classification padding) that pipeline's split."""
-    dataset = collator.dataset(rows) if collator is not None else BlockDataset(rows)
+    it to the batch it stopped at, so the order depends only on the seed. `dataset` and `collator` are
+    a pipeline's (data/pipeline.py); a collator with a `bind` method gets this loader's sampler."""
     sampler = dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      collate_fn=collator.bind(sampler) if collator is not None else None,
+    if collator is not None and hasattr(collator, "bind"):
+        collator = collator.bind(sampler)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collator,
                       num_workers=0, pin_memory=torch.cuda.is_available())
+
+
+def pipeline_loader(pipeline, rows, meta: dict, batch_size: int, shuffle: bool, seed: int,
+                    drop_last: bool) -> DataLoader:
+    """A DataLoader over one split of a pipeline's prepared data."""
+    return build_dataloader(pipeline.dataset(rows), batch_size, shuffle, seed, drop_last,
+                            collator=pipeline.collator(meta, seed))

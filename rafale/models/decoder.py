@@ -1,5 +1,5 @@
 """The decoder-only transformer, all of it in this file: config, attention with rotary and a KV cache,
-blocks, and the `Decoder` module that training (models/composer.py) and generation (generate.py) share.
+blocks, and the `Decoder` module that training (data/causal_lm.py) and generation (generate.py) share.
 
 Two families are switches on one `DecoderConfig`, not two copies of the model:
 
@@ -8,7 +8,7 @@ Two families are switches on one `DecoderConfig`, not two copies of the model:
         scaling optional), grouped-query attention, sequential residual, no biases (Qwen2: q/k/v only)
 
 Parameter names map onto transformers' `GPTNeoXForCausalLM` / `LlamaForCausalLM` / `Qwen2ForCausalLM`
-through the literal tables in models/hf_maps.py (q/k/v are fused here, split there: models/hf.py),
+through the literal tables of the families (models/gpt_neox.py, models/llama.py: q/k/v are fused here, split there),
 and the logits match transformers to float precision (test/test_models_parity.py).
 """
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rafale.errors import UserError
+from rafale.models.family import ModelError
 from rafale.models.losses import linear_cross_entropy
 
 NORMS = ("layernorm", "rmsnorm")
@@ -57,18 +57,17 @@ class DecoderConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) < 1:
-                raise UserError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+                raise ModelError(f"{name} must be >= 1, got {getattr(self, name)}", name)
         if self.d_model % self.n_heads:
-            raise UserError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
-                            f"({self.n_heads})")
+            raise ModelError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})", "n_heads")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
-            raise UserError(f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads})")
+            raise ModelError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})", "n_kv_heads")
         if self.norm not in NORMS:
-            raise UserError(f"model.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+            raise ModelError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}", "norm")
         if self.mlp not in MLPS:
-            raise UserError(f"model.mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
+            raise ModelError(f"mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}", "mlp")
         if self.d_ff is None:
             # SwiGLU has three matrices, not two: 8/3 d keeps the parameter count of a 4d GELU MLP
             # (Llama rounds up to a multiple of 256; 64 keeps the CPU-sized presets small).
@@ -76,19 +75,19 @@ class DecoderConfig:
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
         if not 0.0 <= self.rotary_pct <= 1.0:
-            raise UserError(f"model.rotary_pct must be in [0, 1], got {self.rotary_pct}")
+            raise ModelError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}", "rotary_pct")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type")
             missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
             if kind != "llama3" or missing:
-                raise UserError(f"model.rope_scaling: only rope_type llama3 with "
-                                f"{', '.join(LLAMA3_ROPE_KEYS)} is supported, got {self.rope_scaling}")
+                raise ModelError(f"rope_scaling: only rope_type llama3 with {', '.join(LLAMA3_ROPE_KEYS)} is "
+                                 f"supported, got {self.rope_scaling}", "rope_scaling")
         self.head_dim = self.d_model // self.n_heads
         # int() truncation as in transformers' GPTNeoXAttention.rotary_ndims.
         self.rotary_dim = int(self.head_dim * self.rotary_pct)
         if self.rotary_dim % 2:
-            raise UserError(f"rotary dims per head (head_dim {self.head_dim} x rotary_pct {self.rotary_pct}"
-                            f" = {self.rotary_dim}) must be even; change model.rotary_pct or model.n_heads")
+            raise ModelError(f"rotary dims per head (head_dim {self.head_dim} x rotary_pct {self.rotary_pct} = "
+                             f"{self.rotary_dim}) must be even; change n_heads", "n_heads")
 
 
 class KVCache:
@@ -178,7 +177,7 @@ class Attention(nn.Module):
     def _split_qkv(self, qkv: torch.Tensor):
         # One group per key/value head: [its n_rep query heads, its key, its value]. With n_rep = 1
         # that is GPT-NeoX's per-head [q_h, k_h, v_h], so HF's query_key_value loads as is; Llama's
-        # separate q/k/v_proj are interleaved into it on import (models/hf.py). Query head h reads
+        # separate q/k/v_proj are interleaved into it on import (models/llama.py). Query head h reads
         # key/value head h // n_rep, as transformers' repeat_kv pairs them.
         B, T, _ = qkv.shape
         qkv = qkv.view(B, T, self.n_kv_heads, self.n_rep + 2, self.head_dim)

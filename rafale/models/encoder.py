@@ -12,7 +12,7 @@ RoBERTa is BERT with two differences, both set by `family` (a switch, not a seco
                  dropout -> out_proj on <s>. Same tensors (dense, out), dropout placed differently.
 
 Parameter names map onto transformers' BertModel / BertForMaskedLM / BertForSequenceClassification
-and the RoBERTa classes through the literal tables in models/hf_encoders.py (q/k/v are fused here into
+and the RoBERTa classes through the literal tables in models/bert.py (q/k/v are fused here into
 one [q; k; v] matrix), and hidden states and logits match transformers to float precision
 (test/test_encoders.py).
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rafale.errors import UserError
+from rafale.models.family import ModelError
 
 FAMILIES = ("bert", "roberta")
 
@@ -53,16 +53,16 @@ class EncoderConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "type_vocab_size"):
             if getattr(self, name) < 1:
-                raise UserError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+                raise ModelError(f"{name} must be >= 1, got {getattr(self, name)}", name)
         if self.family not in FAMILIES:
-            raise UserError(f"model.family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+            raise ModelError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}", "family")
         if self.d_model % self.n_heads:
-            raise UserError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+            raise ModelError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})", "n_heads")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         if not 0 <= self.pad_token_id < self.vocab_size:
-            raise UserError(f"model.pad_token_id ({self.pad_token_id}) must be a token id below vocab_size "
-                            f"({self.vocab_size})")
+            raise ModelError(f"pad_token_id ({self.pad_token_id}) must be a token id below vocab_size "
+                             f"({self.vocab_size})", "pad_token_id")
         self.head_dim = self.d_model // self.n_heads
         self.position_offset = self.pad_token_id + 1 if self.family == "roberta" else 0
         self.n_positions = self.max_seq_len + self.position_offset
@@ -176,7 +176,7 @@ class ClassificationHead(nn.Module):
 
 
 class _Network(nn.Module):
-    """An Encoder and a head: the one child of a Composer wrapper (models/encoder_heads.py), so
+    """An Encoder and a head: the one child of the Composer wrapper (rafale/task_model.py), so
     Composer can FSDP-wrap it as a whole and each block inside it."""
 
     encoder: Encoder
@@ -232,7 +232,7 @@ class EncoderForClassification(_Network):
     def __init__(self, cfg: EncoderConfig, num_labels: int):
         super().__init__()
         if num_labels < 2:
-            raise UserError(f"a classifier needs at least 2 labels, the data has {num_labels}")
+            raise ModelError(f"a classifier needs at least 2 labels, the data has {num_labels}")
         self.cfg, self.num_labels = cfg, num_labels
         self.encoder = Encoder(cfg)
         self.head = ClassificationHead(cfg, num_labels)

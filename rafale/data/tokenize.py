@@ -1,15 +1,9 @@
-"""The causal-LM datapipe: text files -> documents -> token ids -> one EOS-joined stream -> blocks.
+"""Text to token ids, as the pipelines share it: sources (a file, a list, or a directory walked
+sorted), documents (a file, or pieces of one cut at `doc_separator`, stripped, empty ones dropped),
+and fast parallel tokenization of each document with a separator id after it, into one stream.
 
-    files (a file, a list, or a directory: all files in it, sorted, recursively)
-      -> documents (a file is a document; `doc_separator` splits a file into several; each document
-         is stripped of surrounding whitespace and empty ones are dropped)
-      -> token ids (tokenizer.json, no special tokens added) with the EOS id after every document
-      -> one uint16 stream (uint32 when the vocabulary does not fit) -> (n_blocks, max_seq_len)
-      -> train / val: explicit val files, or the LAST `val_fraction` of the blocks
-
-Taking the last blocks as validation (as nanoGPT does for Tiny Shakespeare) keeps the held-out text
-contiguous, so it overlaps the training text at a single boundary only, and it needs no seed.
-Caching lives in cache.py; this module only computes. It imports no torch.
+It also finds a tokenizer's end-of-document token and an encoder tokenizer's special tokens by role.
+It imports no torch.
 """
 
 import itertools
@@ -22,7 +16,6 @@ from tokenizers import Tokenizer
 from rafale.errors import UserError
 from rafale.paths import resolve_data_path
 
-PIPELINE = "causal_lm"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]")
 
 # encode_batch parallelises over its inputs only, so one big document (Tiny Shakespeare is one
@@ -187,39 +180,3 @@ def to_blocks(stream: np.ndarray, max_seq_len: int) -> np.ndarray:
     """(n_blocks, max_seq_len) view of the stream; the tail shorter than a block is dropped."""
     n = len(stream) // max_seq_len
     return stream[:n * max_seq_len].reshape(n, max_seq_len)
-
-
-def build_causal_lm(train_paths: list[Path], val_paths: list[Path], tok: Tokenizer, vocab_size: int,
-                    max_seq_len: int, val_fraction: float, doc_separator: str | None, eos_id: int,
-                    key_prefix: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Train and val blocks, and counts for meta.json. Raises UserError for corpora too small."""
-    # Ids go up to vocab_size - 1, so uint16 holds vocabularies of up to 65,536 tokens.
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-    train_key = f"{key_prefix}.train"
-    stream, n_docs = tokenize_files(train_paths, tok, eos_id, doc_separator, dtype, train_key)
-    if n_docs == 0:
-        raise UserError(f"{train_key}: its {len(train_paths)} file(s) hold no text (empty or only "
-                        f"whitespace); point it at text files")
-    blocks = to_blocks(stream, max_seq_len)
-    n_tokens = len(stream)
-    if val_paths:
-        train, n_val = blocks, 0
-        val_key = f"{key_prefix}.val"
-        val_stream, n_val_docs = tokenize_files(val_paths, tok, eos_id, doc_separator, dtype, val_key)
-        val = to_blocks(val_stream, max_seq_len)
-        if len(val) == 0:
-            raise UserError(f"{val_key}: the validation text is {len(val_stream):,} tokens, less than one "
-                            f"block of {key_prefix}.max_seq_len={max_seq_len}; add text or lower "
-                            f"{key_prefix}.max_seq_len")
-        n_docs += n_val_docs
-        n_tokens += len(val_stream)
-    else:
-        n_val = max(1, round(len(blocks) * val_fraction)) if val_fraction > 0 else 0
-        train, val = blocks[:len(blocks) - n_val], blocks[len(blocks) - n_val:]
-    if len(train) == 0:
-        need = f"1 training block plus {n_val} validation block(s)" if n_val else "1 training block"
-        raise UserError(f"{train_key}: the corpus is {len(stream):,} tokens, fewer than {need} of "
-                        f"{key_prefix}.max_seq_len={max_seq_len} tokens; add text, lower "
-                        f"{key_prefix}.max_seq_len" + (f" or set {key_prefix}.val_fraction to 0" if n_val else ""))
-    stats = {"documents": n_docs, "tokens": n_tokens, "train_blocks": len(train), "val_blocks": len(val)}
-    return train, val, stats

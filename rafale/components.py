@@ -116,8 +116,25 @@ def check_call(target, key: str, args: tuple = (), kwargs: dict | None = None) -
     try:
         signature.bind(*args, **(kwargs or {}))
     except TypeError as e:
-        raise UserError(f"{key}: {getattr(target, '__name__', target)}{signature} does not take these "
-                        f"arguments ({e})") from None
+        raise UserError(f"{key}: {getattr(target, '__name__', target)}({_parameters(signature)}) does not take "
+                        f"these arguments ({e})") from None
+
+
+def _parameters(signature: inspect.Signature) -> str:
+    """A signature's parameters without annotations: `params, lr=0.001, *, maximize=False`."""
+    out, star = [], False
+    for p in signature.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            out.append(f"*{p.name}")
+            star = True
+        elif p.kind is p.VAR_KEYWORD:
+            out.append(f"**{p.name}")
+        else:
+            if p.kind is p.KEYWORD_ONLY and not star:
+                out.append("*")
+                star = True
+            out.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    return ", ".join(out)
 
 
 def build(component: Component, key: str, *args, **extra):

@@ -19,11 +19,11 @@ from rafale.errors import UserError
 from rafale.paths import ASSETS_DIR, resolve_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHAKESPEARE = ASSETS_DIR / "tinyshakespeare" / "input.txt"
-STORIES = SHARED / "tinystories" / "tinystories_train_2MiB.txt"
+STORIES = ASSETS_DIR / "tinystories" / "tinystories_train_2MiB.txt"
 NEOX = "gpt-neox-20b"
-GPT2 = str(SHARED / "tokenizers" / "gpt2")
+GPT2 = str(FIXTURES / "tokenizers" / "gpt2")
 EOT = "<|endoftext|>"
 
 
@@ -82,10 +82,10 @@ def _llama3_style() -> str:
 
 @pytest.mark.parametrize("tokenizer", ["gpt2", "smollm2", "bert-base-uncased", "llama3-regex"])
 def test_cutting_at_every_safe_point_is_exact_for_other_tokenizers(tokenizer):
-    js = _llama3_style() if tokenizer == "llama3-regex" else \
-        (SHARED / "tokenizers" / tokenizer / "tokenizer.json").read_text()
+    js = _llama3_style() if tokenizer == "llama3-regex" else resolve_tokenizer(
+        GPT2 if tokenizer == "gpt2" else tokenizer).read_text()
     tok = pipelines.load_tokenizer(js)
-    wiki = (SHARED / "wikitext-2" / "valid.txt").read_text()[:20_000]  # " \n \n " between lines
+    wiki = (ASSETS_DIR / "wikitext-2" / "valid.txt").read_text()[:20_000]  # " \n \n " between lines
     for text in (shakespeare(20_000), "\n\n".join(stories(20)), wiki):
         pieces = pipelines.split_pieces(text, size=1)  # a cut at every safe point
         assert len(pieces) > 1000
@@ -307,7 +307,7 @@ def test_user_errors_name_the_key(home, tmp_path):
 def test_eos_defaults_to_the_first_known_end_token(home, tmp_path):
     text = shakespeare(5_000)
     src = str(write(tmp_path / "s.txt", text))
-    bert_dir = SHARED / "tokenizers" / "bert-base-uncased"
+    bert_dir = ASSETS_DIR / "tokenizers" / "bert-base-uncased"
     data = prepare_causal_lm(src, str(bert_dir), 16, val_fraction=0)
     bert = Tokenizer.from_file(str(bert_dir / "tokenizer.json"))
     assert bert.truncation is not None  # baked in (max 128): the pipeline must switch it off

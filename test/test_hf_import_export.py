@@ -273,3 +273,32 @@ def test_init_from_errors_name_the_config_key(llama_dir, tmp_path):
     assert network_for("causal_lm", overrides={"max_seq_len": 32}, init_from=str(llama_dir)).cfg.max_seq_len == 32
     with pytest.raises(UserError, match="the tokenizer has 50277 tokens but model"):
         network_for("causal_lm", vocab_size=50277, init_from=str(llama_dir))
+
+
+def test_a_tied_model_saved_with_only_its_head_loads_for_generation(tmp_path):
+    """safetensors' save_model keeps one name of a shared tensor (for SmolLM2: lm_head.weight only).
+    `rafale generate --hf` reads such a directory: its greedy tokens are those of the model saved.
+    (transformers 4.53.3 leaves this model's weights on the meta device, so the model in memory is the
+    reference.)"""
+    from safetensors.torch import save_model
+
+    cfg = LlamaConfig(vocab_size=50304, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    cfg.save_pretrained(tmp_path)
+    save_model(hf, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    stored = set(load_file(tmp_path / "model.safetensors"))
+    assert "lm_head.weight" in stored and "model.embed_tokens.weight" not in stored
+    (tmp_path / "tokenizer.json").write_bytes((REPO / "rafale/assets/tokenizers/gpt-neox-20b/tokenizer.json").read_bytes())
+    result = run_cli("generate", "--hf", str(tmp_path), "--prompt", "Hello there", "--max-new-tokens", "6",
+                     "--json", home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([out["prompt_ids"]]), max_new_tokens=6, do_sample=False)
+    assert out["output_ids"] == expected[0, len(out["prompt_ids"]):].tolist()

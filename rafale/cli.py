@@ -44,15 +44,40 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--master-port", type=int, default=None, help="a free TCP port on node 0")
     with_config("prepare", "build the tokenized data cache and exit (same as DATA=1 rafale train)")
     with_config("debug", "overfit one batch as a sanity check (same as DEBUG=1 rafale train)")
-    g = sub.add_parser("generate", help="greedy generation from a run's latest checkpoint or an HF model",
-                       description="greedy generation from a run's latest checkpoint or an HF model directory")
+    g = sub.add_parser("generate", help="continue prompts with a run's latest checkpoint or an HF model",
+                       description="continue prompts with a run's latest checkpoint or an HF model directory: "
+                                   "greedy by default, sampled with --temperature > 0; a continuation ends at the "
+                                   "model's eos token, a --stop string or --max-new-tokens")
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a run directory (see `rafale runs`)")
     source.add_argument("--hf", help="an HF model directory (config.json, safetensors, tokenizer.json)")
-    g.add_argument("--prompt", required=True, help="the text to continue")
+    prompts = g.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="the text to continue")
+    prompts.add_argument("--prompts-file", metavar="FILE",
+                         help='one prompt per line (blank lines skipped), or a .jsonl file of {"prompt": "..."} rows')
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="prompts decoded together (default 8); a prompt's random stream does not depend on it")
+    g.add_argument("--stop", action="append", default=[], metavar="STRING",
+                   help="end a continuation where this text appears in it (the text is cut before it); repeatable")
     g.add_argument("--json", action="store_true",
-                   help='print {"prompt_ids": [...], "output_ids": [...], "text": "..."} (generated part only)')
+                   help='print {"prompt_ids", "output_ids", "text", "finish_reason"} (generated part only; '
+                        'finish_reason is length, eos or stop), one JSON line per prompt')
+    # Defaults None: rafale.sampling.SamplingConfig holds the real ones (it imports torch, so not here).
+    s = g.add_argument_group("sampling (applied in transformers' order: repetition penalty, temperature, "
+                             "top-k, top-p, min-p)")
+    s.add_argument("--temperature", type=float, metavar="T",
+                   help="0 (default) picks the most likely token; > 0 samples")
+    s.add_argument("--top-k", type=int, metavar="K", help="sample among the k most likely tokens (default 0: all)")
+    s.add_argument("--top-p", type=float, metavar="P",
+                   help="sample among the most likely tokens that reach this total probability (default 1: all)")
+    s.add_argument("--min-p", type=float, metavar="P",
+                   help="drop tokens less likely than this times the top token (default 0: none)")
+    s.add_argument("--repetition-penalty", type=float, metavar="R",
+                   help="> 1 makes tokens of the prompt and the output so far less likely (default 1: off)")
+    s.add_argument("--seed", type=int, metavar="S",
+                   help="prompt number i (from 0) samples from its own stream seeded by (seed, i): same seed, "
+                        "same text (default 0)")
     e = sub.add_parser("export", help="write a run's latest checkpoint as an HF transformers model",
                        description="write a run's latest checkpoint as an HF transformers model directory "
                                    "(config.json, safetensors, tokenizer)")
@@ -177,26 +202,69 @@ def _forward_to_ranks(signum, frame) -> None:
             pass
 
 
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
+def _read_prompts(path: str) -> list[str]:
+    """--prompts-file: one prompt a line, or a "prompt" field a line of a .jsonl file."""
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--prompts-file {path}: no such file")
+    # split("\n"), not splitlines(): that would also cut at form feeds and Unicode line separators.
+    lines = [(n, line.rstrip("\r")) for n, line in enumerate(file.read_text(encoding="utf-8").split("\n"), 1)]
+    lines = [(n, line) for n, line in lines if line.strip()]
+    if not lines:
+        raise UserError(f"--prompts-file {path}: the file holds no prompts; write one prompt a line")
+    if file.suffix != ".jsonl":
+        return [line for _, line in lines]
+    prompts = []
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--prompts-file {path} line {n}: not JSON ({e.msg}); write one "
+                            f'{{"prompt": "..."}} object a line') from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise UserError(f'--prompts-file {path} line {n}: no "prompt" string field; write one '
+                            f'{{"prompt": "..."}} object a line')
+        prompts.append(row["prompt"])
+    return prompts
+
+
 def _cmd_generate(args) -> int:
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if "" in args.stop:
+        raise UserError("--stop needs a non-empty string")
+    texts = [args.prompt] if args.prompts_file is None else _read_prompts(args.prompts_file)
+    from rafale.sampling import SamplingConfig
+
+    sampling = SamplingConfig(**{k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None})
     _quiet_libraries()
-    import torch
+    from rafale.generate import generate_all
+    from rafale.inference import hf_eos_ids, load_hf, load_run, run_eos_ids
 
-    from rafale.generate import generate
-    from rafale.inference import load_hf, load_run
-
-    model, tokenizer = load_hf(args.hf) if args.hf is not None else load_run(args.run)[:2]
-    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-    if not prompt_ids:
-        raise UserError("--prompt is empty after tokenization; give some text")
-    out = generate(model, torch.tensor([prompt_ids]), max_new_tokens=args.max_new_tokens)
-    output_ids = out[0].tolist()
-    text = tokenizer.decode(output_ids, skip_special_tokens=False)
-    if args.json:
-        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": output_ids, "text": text}))
+    if args.hf is not None:
+        (model, tokenizer), eos = load_hf(args.hf), hf_eos_ids(args.hf)
     else:
-        print(args.prompt + text)
+        model, tokenizer, cfg = load_run(args.run)
+        eos = run_eos_ids(cfg, tokenizer)
+    prompt_ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    if not all(prompt_ids):
+        which = "--prompt" if args.prompts_file is None else f"prompt {prompt_ids.index([]) + 1} of --prompts-file"
+        raise UserError(f"{which} is empty after tokenization; give some text")
+    results = generate_all(model, prompt_ids, args.max_new_tokens, args.batch_size, eos_token_id=eos,
+                           sampling=sampling, stop=args.stop,
+                           decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+    for text, ids, c in zip(texts, prompt_ids, results):
+        if args.json:
+            print(json.dumps({"prompt_ids": ids, "output_ids": c.output_ids, "text": c.text,
+                              "finish_reason": c.finish_reason}), flush=True)
+        else:
+            print(text + c.text, flush=True)
     return 0
 
 

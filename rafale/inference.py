@@ -57,3 +57,23 @@ def load_hf(hf_dir: str):
         raise UserError(f"--hf {hf_dir}: its tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model "
                         f"embeds only {decoder.cfg.vocab_size}; the two do not belong together")
     return decoder.eval(), tokenizer
+
+
+def run_eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:
+    """The token a run's data appended after every document (data.eos_token, or the tokenizer's own):
+    the one the model learned to end a text with."""
+    from rafale.build import pipeline_of
+
+    return [pipeline_of(cfg).model_meta()["tokenizer"]["eos_id"]]
+
+
+def hf_eos_ids(hf_dir: str) -> list[int]:
+    """An HF model directory's eos token id(s): generation_config.json's when it names them (transformers'
+    `generate` reads them there), else config.json's; [] when neither does."""
+    import json
+
+    for name in ("generation_config.json", "config.json"):
+        path = Path(hf_dir).expanduser() / name
+        if path.is_file() and (ids := json.loads(path.read_text()).get("eos_token_id")) is not None:
+            return [ids] if isinstance(ids, int) else list(ids)
+    return []

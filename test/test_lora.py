@@ -15,11 +15,11 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM, LlamaForCausalLM
 
-from rafale.errors import UserError
 from rafale.models.decoder import Decoder
-from rafale.models.hf import HEAD, hf_config, save_weights
+from rafale.models import ModelError, family_of
+from rafale.models.weights import save_weights, stored_names
 from rafale.models.lora import LoraConfig, LoraLinear, apply_lora, lora_state_dict, merge_lora, peft_adapter
-from rafale.models.presets import get_preset
+from rafale.models import preset_config as get_preset
 
 VOCAB = 384
 TOL = 1e-5
@@ -50,13 +50,13 @@ def tokens(n: int = 2, t: int = 40) -> torch.Tensor:
     (dict(targets=[]), "model.lora.targets: none given"),
 ])
 def test_bad_settings_name_the_key(kwargs, key):
-    with pytest.raises(UserError, match=key):
+    with pytest.raises(ModelError, match=key):
         LoraConfig(**kwargs)
 
 
 def test_a_target_the_model_lacks_is_refused_before_anything_changes():
     model = decoder("pythia-micro")  # GELU MLP: no fc_gate
-    with pytest.raises(UserError, match="model.lora.targets: fc_gate matches no layer of this model; valid "
+    with pytest.raises(ModelError, match="model.lora.targets: fc_gate matches no layer of this model; valid "
                                         "targets for it: qkv, proj, fc_in, fc_out, attention, mlp, all"):
         apply_lora(model, LoraConfig(targets=["qkv", "fc_gate"]))
     assert not any(isinstance(m, LoraLinear) for m in model.modules())
@@ -148,9 +148,10 @@ def test_peft_loads_the_adapter_onto_transformers_model_with_the_same_logits(tmp
     cfg = model.cfg
     # The base model as `rafale export` writes it (a tied head is left out, transformers re-ties it).
     (tmp_path / "base").mkdir()
-    weights = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == HEAD)}
-    save_weights(cfg, weights, tmp_path / "base", max_shard_bytes=10**9)
-    (tmp_path / "base" / "config.json").write_text(json.dumps(hf_config(cfg, 0, 0, torch.float32)))
+    family, state = family_of(cfg), model.state_dict()
+    weights = {name: state[name] for name in stored_names(model)}
+    save_weights(weights, family, cfg, "causal_lm", tmp_path / "base", max_shard_bytes=10**9)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(family.hf_config(cfg, "causal_lm", torch.float32, 0, 0)))
 
     apply_lora(model, LoraConfig(rank=4, alpha=7.0, dropout=0.1))
     randomize_b(model)

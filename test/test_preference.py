@@ -12,7 +12,7 @@ import torch
 from rafale.models.decoder import Decoder
 from rafale.models.lora import LoraConfig, apply_lora
 from rafale.models.preference import dpo_loss, sequence_logps, simpo_loss
-from rafale.models.presets import get_preset
+from rafale.models import preset_config as get_preset
 
 # Four pairs of summed log-probabilities: policy chosen / rejected, reference chosen / rejected.
 PC = [-10.0, -25.5, -3.25, -40.0]

@@ -12,8 +12,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from rafale import cli
-from rafale.data import pipelines
-from rafale.data.cache import prepare_causal_lm
+from rafale.data import tokenize as pipelines
+from rafale.data.causal_lm import prepare_causal_lm
 from rafale.data.mlm import prepare_mlm
 from rafale.errors import UserError
 from rafale.paths import ASSETS_DIR

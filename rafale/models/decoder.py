@@ -157,7 +157,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates the first cos.shape[-1] dims of each head of x (B, nh, T, hs); cos/sin are (T, rd)."""
+    """Rotates the first cos.shape[-1] dims of each head of x (B, nh, T, hs); cos/sin are (T, rd) or
+    (B, 1, T, rd)."""
     rd = cos.shape[-1]
     if rd == 0:
         return x
@@ -189,9 +190,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, C). With `kv` (this layer's cache buffers) the new keys/values are written at
-        [pos, pos + T) and attention runs over [0, pos + T). `mask` is None exactly when plain causal
-        masking is right: no prefix (pos == 0) or a single query that sees everything before it."""
+        """x (B, T, C); cos/sin (T, rd), or (B, 1, T, rd) for per-row positions. With `kv` (this layer's
+        cache buffers) the new keys/values are written at [pos, pos + T) and attention runs over
+        [0, pos + T). `mask` is a boolean "may attend" mask broadcastable to (B, nh, T, pos + T), causality
+        included; it is None exactly when plain causal masking is right: no prefix (pos == 0) or a single
+        query that sees everything before it."""
         B, T, C = x.shape
         q, k, v = self._split_qkv(self.qkv(x))  # (B, nh, T, hs), (B, nkv, T, hs) x 2
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -292,18 +295,30 @@ class Decoder(nn.Module):
     def activation_checkpointing_fn(self, module: nn.Module) -> bool:
         return isinstance(module, Block)
 
-    def forward_hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward_hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                       position_ids: torch.Tensor | None = None,
+                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final-norm hidden states (B, T, C), before the head. With `cache`, the
-        tokens continue the cached prefix and the cache advances by T."""
+        tokens continue the cached prefix and the cache advances by T.
+
+        Rows that do not all start at position 0 (left padding, packed documents) pass `position_ids`
+        (B, T), each token's rotary position, and `attn_mask` (B, 1, T, cache.pos + T) bool, True where
+        query i may attend key j; the caller builds causality and padding into it, and gives every query
+        at least one key (a query that attends to nothing gets NaN from SDPA). Without them: positions
+        cache.pos .. cache.pos + T - 1 in every row and causal attention (SDPA's is_causal fast path)."""
         B, T = input_ids.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"{pos + T} positions exceed the model's max_seq_len ({self.cfg.max_seq_len})")
         dtype = self.embed_in.weight.dtype
-        cos = self.rope_cos[pos:pos + T].to(dtype)  # (T, rd)
-        sin = self.rope_sin[pos:pos + T].to(dtype)
-        mask = None
-        if pos > 0 and T > 1:
+        if position_ids is None:
+            cos = self.rope_cos[pos:pos + T].to(dtype)  # (T, rd)
+            sin = self.rope_sin[pos:pos + T].to(dtype)
+        else:
+            cos = self.rope_cos[position_ids].unsqueeze(1).to(dtype)  # (B, 1, T, rd): broadcast over heads
+            sin = self.rope_sin[position_ids].unsqueeze(1).to(dtype)
+        mask = attn_mask
+        if mask is None and pos > 0 and T > 1:
             # A chunk after a cached prefix: query i sits at position pos + i and sees keys 0..pos+i.
             # (SDPA's is_causal aligns the triangle top-left, which is wrong once keys outnumber queries.)
             keys = torch.arange(pos + T, device=input_ids.device)

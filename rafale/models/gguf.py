@@ -24,8 +24,7 @@ import gguf
 import torch
 from gguf.quants import dequantize
 
-from rafale.errors import UserError
-from rafale.models.hf_maps import template
+from rafale.models.family import ModelError, template
 
 MAGIC = b"GGUF"
 
@@ -102,7 +101,7 @@ PRE_TOKENIZERS: dict[str, dict] = {
 class GGUFModel:
     """One GGUF file, read as HF names and values (see the module docstring). Build it with `read_gguf`."""
 
-    def __init__(self, path: Path, reader, meta: dict, arch: dict, where: str):
+    def __init__(self, path: Path, reader, meta: dict, arch: dict):
         self.path = path
         self.architecture: str = meta["general.architecture"]
         self._tensors = {}  # HF name -> GGUF tensor (read_gguf has checked that every name maps)
@@ -115,7 +114,7 @@ class GGUFModel:
         for i in range(self.config["num_hidden_layers"]):
             self._permuted[f"model.layers.{i}.self_attn.q_proj.weight"] = self.config["num_attention_heads"]
             self._permuted[f"model.layers.{i}.self_attn.k_proj.weight"] = self.config["num_key_value_heads"]
-        self.tokenizer_json: str = _tokenizer_json(meta, f"{where}: {path}")
+        self.tokenizer_json: str = _tokenizer_json(meta, str(path))
         self.chat_template: str | None = meta.get("tokenizer.chat_template")
         tokens = meta["tokenizer.ggml.tokens"]
         special = {name: tokens[meta[key]] if key in meta else None for name, key in SPECIAL_IDS.items()}
@@ -190,16 +189,16 @@ def _tokenizer_json(meta: dict, where: str) -> str:
     with this file's tokenizer.ggml.* metadata."""
     model = meta["tokenizer.ggml.model"]
     if model != "gpt2":
-        raise UserError(f"{where}: its tokenizer is {model!r} (tokenizer.ggml.model); rafale builds "
+        raise ModelError(f"{where}: its tokenizer is {model!r} (tokenizer.ggml.model); rafale builds "
                         f"tokenizers only for byte-level BPE ('gpt2') GGUF files")
     pre_name = meta.get("tokenizer.ggml.pre")
     if pre_name not in PRE_TOKENIZERS:
-        raise UserError(f"{where}: pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not supported; "
+        raise ModelError(f"{where}: pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not supported; "
                         f"supported: {', '.join(PRE_TOKENIZERS)}")
     pre = PRE_TOKENIZERS[pre_name]
     missing = [k for k in ("tokenizer.ggml.merges", "tokenizer.ggml.token_type") if k not in meta]
     if missing:
-        raise UserError(f"{where}: lacks tokenizer metadata {', '.join(missing)}; re-convert the model "
+        raise ModelError(f"{where}: lacks tokenizer metadata {', '.join(missing)}; re-convert the model "
                         f"with llama.cpp's convert_hf_to_gguf.py")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
@@ -213,7 +212,7 @@ def _tokenizer_json(meta: dict, where: str) -> str:
     for side, wanted in around.items():
         key = f"tokenizer.ggml.{side}_token_id"
         if wanted and key not in meta:
-            raise UserError(f"{where}: tokenizer.ggml.add_{side}_token is set but {key} is missing")
+            raise ModelError(f"{where}: tokenizer.ggml.add_{side}_token is set but {key} is missing")
         if wanted:
             specials[side] = meta[key]
 
@@ -244,39 +243,39 @@ def _tokenizer_json(meta: dict, where: str) -> str:
     return json.dumps(tokenizer, ensure_ascii=False)
 
 
-def read_gguf(path: str | Path, where: str = "model.init_from") -> GGUFModel:
+def read_gguf(path: str | Path) -> GGUFModel:
     """Reads the metadata and tensor index of a GGUF file (the tensors stay on disk until
-    `get_tensor`), or raises a one-line UserError naming the file and what is wrong with it."""
+    `get_tensor`), or raises a one-line ModelError naming the file and what is wrong with it."""
     path = Path(path).expanduser()
-    here = f"{where}: {path}"
+    here = str(path)
     if not path.is_file():
-        raise UserError(f"{here} does not exist or is not a file")
+        raise ModelError(f"{here} does not exist or is not a file")
     with path.open("rb") as f:
         head = f.read(len(MAGIC))
     if head != MAGIC:
-        raise UserError(f"{here} is not a GGUF file (it does not start with {MAGIC!r}); point it at a .gguf file")
+        raise ModelError(f"{here} is not a GGUF file (it does not start with {MAGIC!r}); point it at a .gguf file")
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError) as e:  # what GGUFReader raises on a cut-off file
-        raise UserError(f"{here} is not a readable GGUF file, likely truncated or corrupt ({e}); "
+        raise ModelError(f"{here} is not a readable GGUF file, likely truncated or corrupt ({e}); "
                         f"re-download it") from None
     meta = _metadata(reader)
     name = meta.get("general.architecture")
     if name not in ARCHITECTURES:
         supported = ", ".join(f"{a} ({s['hf_class']})" for a, s in ARCHITECTURES.items())
-        raise UserError(f"{here} holds a {name!r} model (general.architecture); supported GGUF "
+        raise ModelError(f"{here} holds a {name!r} model (general.architecture); supported GGUF "
                         f"architectures: {supported}")
     arch = ARCHITECTURES[name]
     missing = [f"{name}.{k}" for k in arch["required"] if f"{name}.{k}" not in meta]
     missing += [k for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens") if k not in meta]
     if missing:
-        raise UserError(f"{here} lacks required metadata {', '.join(missing)}; re-convert the model with "
+        raise ModelError(f"{here} lacks required metadata {', '.join(missing)}; re-convert the model with "
                         f"llama.cpp's convert_hf_to_gguf.py")
     unknown = [t.name for t in reader.tensors if template(t.name)[0] not in arch["tensors"]]
     if unknown:
         # rope_freqs.weight is how llama.cpp stores Llama 3.1-style rope scaling: the frequency
         # factors themselves, from which HF's rope_scaling settings cannot be read back.
-        raise UserError(f"{here} has tensors with no {arch['hf_class']} counterpart: {', '.join(unknown[:8])}"
+        raise ModelError(f"{here} has tensors with no {arch['hf_class']} counterpart: {', '.join(unknown[:8])}"
                         f"{' and more' if len(unknown) > 8 else ''}; convert from the HF checkpoint instead")
     # One row of the first tensor of each type: gguf raises NotImplementedError for types it cannot
     # dequantize, and this says so now rather than halfway through loading.
@@ -287,6 +286,6 @@ def read_gguf(path: str | Path, where: str = "model.init_from") -> GGUFModel:
         try:
             dequantize(t.data[:1], qtype)
         except NotImplementedError:
-            raise UserError(f"{here} stores tensors as {qtype.name} (e.g. {t.name}), which the gguf "
+            raise ModelError(f"{here} stores tensors as {qtype.name} (e.g. {t.name}), which the gguf "
                             f"package cannot dequantize; use another quantization of the model") from None
-    return GGUFModel(path, reader, meta, arch, where)
+    return GGUFModel(path, reader, meta, arch)

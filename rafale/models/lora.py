@@ -11,14 +11,14 @@ two parameters beside them:
     blocks.{i}.attn.qkv.weight   (frozen, unchanged name)   blocks.{i}.attn.qkv.lora_A   (rank, in)
     blocks.{i}.attn.qkv.bias     (frozen, if any)           blocks.{i}.attn.qkv.lora_B   (out, rank)
 
-so base checkpoints, the HF name tables (models/hf_maps.py) and FSDP's per-Block wrapping see the same
+so base checkpoints, the families' HF name tables (models/llama.py, gpt_neox.py) and FSDP's per-Block wrapping see the same
 tensors as without LoRA, and the adapter is the state-dict entries ending in `.lora_A` / `.lora_B`
 (`lora_state_dict`). (PEFT instead nests the base under `base_layer.`, which would rename every
 wrapped weight.)
 
 q, k and v are one fused Linear here (models/decoder.py), so one LoRA pair covers all three. In PEFT's
 terms that is three pairs sharing A: the rows of B split into q/k/v exactly as the weight's rows do
-(`split_qkv`, models/hf.py), since delta_q = B_q A. GPT-NeoX's HF query_key_value has rafale's row
+(`split_qkv`, models/llama.py), since delta_q = B_q A. GPT-NeoX's HF query_key_value has rafale's row
 layout already, and stays one pair (`peft_adapter`).
 """
 
@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rafale.errors import UserError
 from rafale.models.decoder import Decoder
-from rafale.models.hf import to_hf
+from rafale.models.family import ModelError
 
 # The Linear layers of a Block that LoRA can wrap (fc_gate exists only in SwiGLU MLPs), and the groups
 # a config may name instead. The embedding and the (possibly tied) head are never wrapped.
@@ -55,15 +54,15 @@ class LoraConfig:
 
     def __post_init__(self):
         if self.rank < 1:
-            raise UserError(f"model.lora.rank must be >= 1, got {self.rank}")
+            raise ModelError(f"model.lora.rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:
-            raise UserError(f"model.lora.alpha must be > 0, got {self.alpha}")
+            raise ModelError(f"model.lora.alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise UserError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+            raise ModelError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         unknown = [t for t in self.targets if t not in TARGETS and t not in GROUPS]
         if unknown or not self.targets:
-            raise UserError(f"model.lora.targets: {', '.join(map(repr, unknown)) or 'none given'}; name "
+            raise ModelError(f"model.lora.targets: {', '.join(map(repr, unknown)) or 'none given'}; name "
                             f"layers of rafale's blocks: {', '.join(TARGETS)} (q, k and v are one fused qkv), "
                             f"or groups: {', '.join(GROUPS)}")
 
@@ -116,7 +115,7 @@ def apply_lora(decoder: Decoder, cfg: LoraConfig) -> tuple[int, int]:
     missing = [name for name, group in wanted.items() if not available.intersection(group)]
     if missing:
         valid = [t for t in TARGETS if t in available] + list(GROUPS)
-        raise UserError(f"model.lora.targets: {', '.join(missing)} matches no layer of this model; "
+        raise ModelError(f"model.lora.targets: {', '.join(missing)} matches no layer of this model; "
                         f"valid targets for it: {', '.join(valid)}")
     decoder.requires_grad_(False)
     for name, m in linears.items():
@@ -146,18 +145,21 @@ def merge_lora(decoder: Decoder) -> None:
 def peft_adapter(decoder: Decoder) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, adapter_model.safetensors tensors) for PEFT's
     `PeftModel.from_pretrained` on the transformers model that `rafale export` writes for this decoder
-    (models/hf.py names). Fused qkv in a Llama-family model becomes q/k/v_proj pairs sharing A (copied
+    (the family's names). Fused qkv in a Llama-family model becomes q/k/v_proj pairs sharing A (copied
     per pair: safetensors refuses tensors that share memory)."""
     layers = _lora_layers(decoder)
     assert layers, "no LoRA layers: call apply_lora first"
     settings = {(m.rank, m.alpha, m.lora_dropout.p) for _, m in layers}
     assert len(settings) == 1, f"one rank/alpha/dropout for every layer, as apply_lora makes: {settings}"
     (rank, alpha, dropout), = settings
+    from rafale.models import family_of
+
+    family = family_of(decoder.cfg)
     tensors, modules = {}, set()
     copy = dict(memory_format=torch.contiguous_format)  # clone() would keep a split's strided layout
     for name, m in layers:
         # B has the weight's rows, so the weight's mapping splits it (q/k/v) or renames it.
-        for hf_weight, b in to_hf(decoder.cfg, f"{name}.weight", m.lora_B.detach()).items():
+        for hf_weight, b in family.to_hf(decoder.cfg, "causal_lm", f"{name}.weight", m.lora_B.detach()).items():
             hf_module = hf_weight.removesuffix(".weight")
             tensors[f"base_model.model.{hf_module}.lora_A.weight"] = m.lora_A.detach().clone(**copy)
             tensors[f"base_model.model.{hf_module}.lora_B.weight"] = b.clone(**copy)

@@ -5,11 +5,13 @@ is left-padded to its longest prompt, so every row's next token sits in the same
 attention (a boolean mask) and each row's rotary positions start at 0 on its first real token, as in
 transformers' left-padded `generate`. A batch of equal-length prompts takes the unmasked fast path.
 Each row stops at an eos token or once its decoded continuation contains a stop string; the batch
-stops when every row has.
+stops when every row has. A network that is not rafale's Decoder (model.class: any module mapping
+token ids to logits) decodes by recomputing the whole sequence for every token, one prompt length at a time.
 """
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -52,6 +54,44 @@ def padded_causal_mask(real: torch.Tensor, start: int, end: int) -> torch.Tensor
     return (may | (keys == queries))[:, None]
 
 
+class _FullRecompute:
+    """Decoder's decoding interface over a network that only maps input_ids (B, T) to logits (B, T, V):
+    its "hidden states" are the logits and its head is the identity; there is no KV cache or mask."""
+
+    def __init__(self, network: torch.nn.Module):
+        self.network = network
+        weight = next(network.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        self.cfg = SimpleNamespace(max_seq_len=getattr(network, "max_seq_len", None) or 1 << 62, vocab_size=None)
+
+    def forward_hidden(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.network(input_ids)
+
+
+@torch.inference_mode()
+def _decode_any(model, prompts, max_new_tokens, eos, sampling, stop, decode, indices, use_cache):
+    """_decode for any network: rafale's Decoder as is; another one by full recomputation, prompts of
+    one length together (without a padding mask, rows of different lengths cannot share a batch)."""
+    if isinstance(model, Decoder):
+        return _decode(model, prompts, max_new_tokens, eos, sampling, stop, decode, indices, use_cache)
+    model = _FullRecompute(model)
+    groups: dict[int, list[int]] = {}
+    for b, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(b)
+    rows: dict[int, tuple] = {}
+    for members in groups.values():
+        tokens, ends, reasons, texts = _decode(model, [prompts[b] for b in members], max_new_tokens, eos, sampling,
+                                               stop, decode, [indices[b] for b in members], use_cache=False)
+        for j, b in enumerate(members):
+            rows[b] = (tokens[j], ends[j], reasons[j], texts[j])
+    n = max(len(r[0]) for r in rows.values())
+    fill = eos[0] if eos else 0
+    tokens = torch.full((len(prompts), n), fill, dtype=torch.long)
+    for b, (t, _, _, _) in rows.items():
+        tokens[b, :len(t)] = t
+    return tokens, *([rows[b][k] for b in range(len(prompts))] for k in (1, 2, 3))
+
+
 @torch.inference_mode()
 def _decode(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: Sequence[int],
             sampling: SamplingConfig, stop: Sequence[str], decode: Callable[[list[int]], str] | None,
@@ -67,7 +107,8 @@ def _decode(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: in
     if T + max_new_tokens > limit:
         raise UserError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                         f"max_seq_len ({limit}); shorten the prompt or ask for fewer tokens")
-    device = model.embed_in.weight.device
+    plain = isinstance(model, _FullRecompute)
+    device, dtype = (model.device, model.dtype) if plain else (model.embed_in.weight.device, model.embed_in.weight.dtype)
     L = T + max_new_tokens
     fill = eos[0] if eos else 0  # after a row's end; never part of its output
     seq = torch.full((B, L), fill, dtype=torch.long, device=device)  # left pads, prompt, then new tokens
@@ -87,11 +128,6 @@ def _decode(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: in
         return model.forward_hidden(seq[:, start:end], cache, positions[:, start:end],
                                     padded_causal_mask(real, start, end))
 
-    seen = None
-    if sampling.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            seen[b, torch.tensor(p, device=device)] = True
     gens = generators(sampling, list(indices), device) if sampling.do_sample else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     hit_eos = torch.zeros(B, dtype=torch.bool, device=device)
@@ -99,11 +135,16 @@ def _decode(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: in
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     outputs: list[list[int]] = [[] for _ in range(B)]  # host copies, kept only to look for stop strings
     texts: list[str | None] = [None] * B
-    cache = KVCache(model.cfg, B, L, device, model.embed_in.weight.dtype) if use_cache else None
+    cache = KVCache(model.cfg, B, L, device, dtype) if use_cache and not plain else None
 
-    head = decoding_head(model)
+    head = (lambda h: h) if plain else decoding_head(model)
     # The head runs on the last position only: the prompt's other logits are never needed.
     logits = head(forward(0, T, cache)[:, -1])  # (B, V)
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            seen[b, torch.tensor(p, device=device)] = True
     n = 0
     while True:
         token = next_tokens(logits, sampling, seen, gens).masked_fill(done, fill)  # (B,)
@@ -146,8 +187,8 @@ def generate(model: Decoder, prompt_ids: torch.Tensor, max_new_tokens: int,
     eos after it. `use_cache=False` recomputes the whole sequence for every token (the reference the
     cached path is tested against)."""
     eos = [] if eos_token_id is None else [eos_token_id]
-    return _decode(model, prompt_ids.tolist(), max_new_tokens, eos, GREEDY, (), None, range(len(prompt_ids)),
-                   use_cache)[0]
+    return _decode_any(model, prompt_ids.tolist(), max_new_tokens, eos, GREEDY, (), None, range(len(prompt_ids)),
+                       use_cache)[0]
 
 
 def generate_batch(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -160,8 +201,8 @@ def generate_batch(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tok
     `decode` (token ids -> text) fills `Completion.text`; stop strings need it."""
     indices = range(len(prompts)) if indices is None else indices
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    tokens, ends, reasons, texts = _decode(model, prompts, max_new_tokens, eos, sampling, stop, decode, indices,
-                                           use_cache)
+    tokens, ends, reasons, texts = _decode_any(model, prompts, max_new_tokens, eos, sampling, stop, decode,
+                                               list(indices), use_cache)
     out = []
     for row, end, reason, text in zip(tokens.tolist(), ends, reasons, texts):
         ids = row[:end]

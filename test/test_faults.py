@@ -266,7 +266,7 @@ def test_garbage_tokenizer_is_one_line(trained, home, tmp_path, capsys, content)
 
 def test_tokenizer_ids_beyond_its_vocabulary_are_refused(trained, home, tmp_path, capsys):
     tok = json.loads((REPO / "rafale/assets/tokenizers/gpt-neox-20b/tokenizer.json").read_text())
-    tok["added_tokens"][0]["id"] = 70000  # |<endoftext|>: an id past the 50,277-token vocabulary
+    tok["model"]["vocab"]["the"] = 70000  # an id past the 50,277-token vocabulary
     (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
     assert cli.main(["prepare", "-c", str(trained["config"]), f"data.tokenizer={tmp_path / 'tokenizer.json'}"]) == 2
     assert "id 70000" in _one_line(capsys.readouterr().err)

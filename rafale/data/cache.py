@@ -92,9 +92,10 @@ class Inputs:
     tokenizer_path: Path
     tokenizer_json: bytes
     sources: dict[str, list[dict]]  # per split, each file's path, size and sha256
+    key_prefix: str = "data"
 
     def tokenizer(self):
-        return tokenize.load_tokenizer(self.tokenizer_json.decode("utf-8"))
+        return tokenize.load_tokenizer(self.tokenizer_json, f"{self.key_prefix}.tokenizer {self.tokenizer_path}")
 
 
 def resolve_inputs(train, val, tokenizer: str, key_prefix: str) -> Inputs:
@@ -102,7 +103,7 @@ def resolve_inputs(train, val, tokenizer: str, key_prefix: str) -> Inputs:
              "val": tokenize.list_sources(val, f"{key_prefix}.val") if val is not None else []}
     tok_path = resolve_tokenizer(tokenizer, f"{key_prefix}.tokenizer")
     sources = {split: [_describe(p) for p in ps] for split, ps in paths.items()}
-    return Inputs(paths, tok_path, tok_path.read_bytes(), sources)
+    return Inputs(paths, tok_path, tok_path.read_bytes(), sources, key_prefix)
 
 
 def prepare_entry(pipeline: str, train, val, tokenizer: str, max_seq_len: int, val_fraction: float,

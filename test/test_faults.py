@@ -141,7 +141,7 @@ def test_torn_metrics_and_truncated_checkpoint_resume_from_the_last_good_one(tra
 
 # --- 2: Ctrl-C ---------------------------------------------------------------------------------------
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not predicate():
         assert proc.poll() is None, proc.communicate()

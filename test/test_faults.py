@@ -358,12 +358,13 @@ def test_labels_sparse_negative_or_mixed_are_refused():
     from rafale.data.classification import label_ids
     from rafale.errors import UserError
 
-    for labels, message in [([0, 2_000_000, 0], "class ids 0..K-1"), ([0, -1, 1], "negative"),
-                            ([0, "pos", 1.0, True], "mix"), (["1", "3", "1"], "class ids 0..K-1")]:
+    for labels, message in [([0, 2_000_000, 0], "2,000,001 classes"), ([0, -1, 1], "negative"),
+                            ([0, "pos", 1.0, True], "mix"), (["1", "7", "1"], "8 classes")]:
         with pytest.raises(UserError, match=message):
             label_ids(labels, [], "data")
     names, ids, _ = label_ids(["2", 0, 1], [], "data")  # TSV digit strings count as integers
     assert names == ["0", "1", "2"] and ids.tolist() == [2, 0, 1]
+    assert label_ids([1, 3, 1], [], "data")[0] == ["0", "1", "2", "3"]  # a few unused ids are kept
 
 
 # --- 10: small ones ----------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ macro F1 and (in `rafale eval`) a confusion matrix.
     files: .jsonl (one JSON object per line), .csv, .tsv (header row; no quoting, as GLUE), .parquet;
       a file, a list, or a directory of them
       -> rows: `text_field`, optional `text_pair_field`, `label_field`
-      -> labels: all integers (or digit strings, as TSV gives them): the label IS the class id (0..K-1,
-         none missing), and the label names are "0" .. "max"; otherwise names, sorted, and the class
-         id is the position (one kind for all labels: a mix is refused)
+      -> labels: all integers (or digit strings, as TSV gives them): the label IS the class id, and the
+         label names are "0" .. "max" (refused when most of those never occur); otherwise names,
+         sorted, and the class id is the position (one kind for all labels: a mix is refused)
       -> train / val: explicit val files, or the LAST `val_fraction` of the rows
 
 Stored ragged: <split>_ids (all token ids, concatenated), <split>_offsets (n + 1), <split>_labels (n),
@@ -122,10 +122,12 @@ def label_ids(train: list, val: list, key_prefix: str) -> tuple[list[str], np.nd
         if min(ids) < 0:
             raise UserError(f"{key_prefix}.label_field: negative label {min(ids)}; integer labels are class ids "
                             f"0..K-1, renumber them or give names")
-        missing = sorted(set(range(max(ids) + 1)) - set(ids))
-        if missing:  # 0 and 2000000 would make 2,000,001 classes
-            raise UserError(f"{key_prefix}.label_field: integer labels are class ids 0..K-1 and {len(missing):,} of "
-                            f"0..{max(ids)} never occur (first {missing[0]}); renumber them or give names")
+        present = len(set(ids))
+        # A gap or two is a real dataset (IMDB's ratings 1-4, 7-10); 0 and 2000000 would be 2,000,001 classes.
+        if max(ids) + 1 > 2 * present:
+            raise UserError(f"{key_prefix}.label_field: integer labels are class ids, and these make "
+                            f"{max(ids) + 1:,} classes (0..{max(ids)}) of which only {present:,} occur; renumber "
+                            f"them 0..K-1 or give them as names")
         names = [str(i) for i in range(max(ids) + 1)]
     else:
         names = sorted({str(v) for v in train})

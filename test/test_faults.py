@@ -172,6 +172,7 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_twice_quits_at_once(tmp_pa
     assert _status(run_dir)["status"] == "interrupted"
     assert not (run_dir / "checkpoints" / "latest-rank0.pt").exists()  # no step finished cleanly
 
+    (run_dir / "metrics.jsonl").unlink()  # so that the loss waited for below is the new process's
     once = _cli_process("train", "-c", str(config), home=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for(logged_a_loss, once)
     once.send_signal(signal.SIGINT)

@@ -333,14 +333,14 @@ def _cmd_cache(args) -> int:
         table.add_column("key", no_wrap=True, min_width=max((len(e.name) for e in found), default=3))
         table.add_column("pipeline", no_wrap=True)
         table.add_column("sources", overflow="fold")  # the column that gives way on a narrow terminal
-        for column in ("tokenizer", "size", "last use"):
+        for column in ("tokenizer", "size", "last use", "state"):
             table.add_column(column, no_wrap=True)
         for e in found:
             names = [os.path.basename(s) for s in e.sources]
             shown = ", ".join(names[:2]) + (f" +{len(names) - 2}" if len(names) > 2 else "")
             tokenizer = os.path.basename(os.path.dirname(e.tokenizer)) if e.tokenizer.endswith("tokenizer.json") \
                 else e.tokenizer
-            table.add_row(e.name, e.pipeline, shown, tokenizer, _human_bytes(e.size), _ago(e.last_use))
+            table.add_row(e.name, e.pipeline, shown, tokenizer, _human_bytes(e.size), _ago(e.last_use), e.state)
         # Piped output is not cut at 80 columns: keys and paths are what one copies from it.
         Console(width=None if sys.stdout.isatty() else 200).print(
             table if found else f"no data cache entries in {data_cache_dir()}")

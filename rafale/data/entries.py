@@ -36,6 +36,7 @@ class Entry:
     tokenizer: str
     size: int  # bytes allocated on disk, as `du -B1` counts them
     last_use: float  # seconds since the epoch
+    state: str  # ready, in use, building
 
     @property
     def name(self) -> str:
@@ -43,7 +44,8 @@ class Entry:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "key": self.key, "pipeline": self.pipeline, "sources": self.sources,
-                "tokenizer": self.tokenizer, "bytes": self.size, "last_use": self.last_use, "path": str(self.path)}
+                "tokenizer": self.tokenizer, "bytes": self.size, "last_use": self.last_use, "state": self.state,
+                "path": str(self.path)}
 
 
 def disk_usage(path: Path) -> int:
@@ -55,11 +57,30 @@ def disk_usage(path: Path) -> int:
     return total
 
 
+def _held(lock: Path) -> bool:
+    """Whether some live process holds a flock on `lock`."""
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
 def list_entries() -> list[Entry]:
-    """Every complete entry (a directory with a readable meta.json), most recently used first."""
+    """Every complete entry (a directory with a readable meta.json) and every entry being built, most
+    recently used first."""
     found = []
     root = data_cache_dir()
     for path in sorted(root.iterdir()) if root.is_dir() else []:
+        building = re.match(r"^\.(.+)\.tmp-\d+$", path.name)
+        if building and path.is_dir() and _held(root / f".{building.group(1)}.lock"):
+            name = building.group(1)
+            found.append(Entry(root / name, name.rpartition("-")[2], name.rpartition("-")[0], [], "?",
+                               disk_usage(path), path.stat().st_mtime, "building"))
         if path.name.startswith(".") or not path.is_dir():
             continue
         try:
@@ -68,7 +89,8 @@ def list_entries() -> list[Entry]:
             continue
         sources = [s["path"] for split in meta.get("sources", {}).values() for s in split]
         found.append(Entry(path, meta.get("key", ""), meta.get("pipeline", "?"), sources,
-                           meta.get("tokenizer", {}).get("path", "?"), disk_usage(path), path.stat().st_mtime))
+                           meta.get("tokenizer", {}).get("path", "?"), disk_usage(path), path.stat().st_mtime,
+                           "in use" if _held(use_lock(path)) else "ready"))
     return sorted(found, key=lambda e: -e.last_use)
 
 
@@ -102,6 +124,8 @@ def select(prefixes: list[str], older_than: str | None) -> list[Entry]:
 
 def remove(entry: Entry) -> str | None:
     """Deletes `entry`; or, when it is being built or in use, leaves it and says why."""
+    if entry.state == "building":
+        return f"{entry.name} is being built; let that process finish or stop it first"
     with ExitStack() as stack:
         for lock, why in ((build_lock(entry.path), "being built"), (use_lock(entry.path), "in use by a running process")):
             f = stack.enter_context(open(lock, "a"))

@@ -76,11 +76,12 @@ def list_entries() -> list[Entry]:
     found = []
     root = data_cache_dir()
     for path in sorted(root.iterdir()) if root.is_dir() else []:
-        building = re.match(r"^\.(.+)\.tmp-\d+$", path.name)
-        if building and path.is_dir() and _held(root / f".{building.group(1)}.lock"):
+        building = re.match(r"^\.(.+-[0-9a-f]{16})\.lock$", path.name)
+        if building and _held(path):  # a builder holds it from the first byte read to the rename
             name = building.group(1)
-            found.append(Entry(root / name, name.rpartition("-")[2], name.rpartition("-")[0], [], "?",
-                               disk_usage(path), path.stat().st_mtime, "building"))
+            size = sum(disk_usage(tmp) for tmp in root.glob(f".{name}.tmp-*"))
+            found.append(Entry(root / name, name.rpartition("-")[2], name.rpartition("-")[0], [], "?", size,
+                               path.stat().st_mtime, "building"))
         if path.name.startswith(".") or not path.is_dir():
             continue
         try:

@@ -275,3 +275,58 @@ def test_a_pipeline_that_does_not_mix_refuses_a_mixture(tmp_path):
                                         r"causal_lm and mlm pipelines only"):
         mix_config(tmp_path, [{"path": "a.jsonl", "weight": 1}], pipeline="classification",
                    tokenizer="bert-base-uncased")
+
+
+def test_a_mixture_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from test.conftest import REPO, run_cli
+
+    steps = 12
+    stories = [s.strip() for s in STORIES.read_text(encoding="utf-8").split(EOT)[:120]]
+    a = tmp_path / "stories.jsonl"
+    a.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories[:80]))
+    b = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"content": stories[80:]}), b)
+    cfg = {"run": {"name": "mix", "seed": 5}, "model": {"preset": "pythia-micro"},
+           "data": {"train": [{"path": str(a), "weight": 0.7}, {"path": str(b), "weight": 0.3, "text_field": "content"}],
+                    "max_seq_len": 32, "val_fraction": 0.05},
+           "optim": {"lr": 3e-3}, "schedule": {"name": "cosine", "warmup": "2ba"},
+           "train": {"max_duration": f"{steps}ba", "global_batch_size": 8, "device_microbatch_size": 8,
+                     "eval_interval": "6ba", "save_interval": "3ba"}}
+    path = tmp_path / "mix.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def losses(home: Path) -> dict:
+        (run_dir,) = (home / "runs").iterdir()
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss/train/total"] for r in rows if "loss/train/total" in r}
+
+    ref_home = tmp_path / "ref"
+    prepared = run_cli("prepare", "-c", str(path), home=ref_home)
+    assert prepared.returncode == 0, prepared.stderr
+    assert "mixture of 2 sources" in prepared.stdout and "(70.0%)" in prepared.stdout and "(30.0%)" in prepared.stdout
+    ref = run_cli("train", "-c", str(path), home=ref_home)
+    assert ref.returncode == 0, ref.stderr
+    expected = losses(ref_home)
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    home = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA", "DEBUG", "FORCE")}
+    env.update(RAFALE_HOME=str(home), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "rafale", "train", "-c", str(path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not any(home.glob("runs/*/checkpoints/latest-rank0.pt")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(losses(home), default=0) < steps, "the run finished before it could be killed"
+    resumed = run_cli("train", "-c", str(path), home=home)
+    assert resumed.returncode == 0 and "resuming interrupted run" in resumed.stdout, resumed.stderr
+    assert losses(home) == expected

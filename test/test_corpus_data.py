@@ -287,7 +287,7 @@ def test_a_mixture_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path):
 
     from test.conftest import REPO, run_cli
 
-    steps = 12
+    steps = 8
     stories = [s.strip() for s in STORIES.read_text(encoding="utf-8").split(EOT)[:120]]
     a = tmp_path / "stories.jsonl"
     a.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories[:80]))
@@ -295,10 +295,10 @@ def test_a_mixture_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path):
     pq.write_table(pa.table({"content": stories[80:]}), b)
     cfg = {"run": {"name": "mix", "seed": 5}, "model": {"preset": "pythia-micro"},
            "data": {"train": [{"path": str(a), "weight": 0.7}, {"path": str(b), "weight": 0.3, "text_field": "content"}],
-                    "max_seq_len": 32, "val_fraction": 0.05},
+                    "max_seq_len": 32, "val_fraction": 0},
            "optim": {"lr": 3e-3}, "schedule": {"name": "cosine", "warmup": "2ba"},
            "train": {"max_duration": f"{steps}ba", "global_batch_size": 8, "device_microbatch_size": 8,
-                     "eval_interval": "6ba", "save_interval": "3ba"}}
+                     "save_interval": "2ba"}}
     path = tmp_path / "mix.yaml"
     path.write_text(yaml.safe_dump(cfg))
 
@@ -330,3 +330,11 @@ def test_a_mixture_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path):
     resumed = run_cli("train", "-c", str(path), home=home)
     assert resumed.returncode == 0 and "resuming interrupted run" in resumed.stdout, resumed.stderr
     assert losses(home) == expected
+
+
+def test_the_bundled_mixture_draws_exactly_its_weights(rafale_home):
+    from rafale.build import pipeline_of
+
+    data = pipeline_of(load_config("llama-tinystories-mix")).prepare()
+    assert len(data.train) == 2917 and [m["drawn"] for m in data.meta["mixture"]] == [2334, 583]
+    assert data.meta["stats"]["documents"] == 2316 + 1000

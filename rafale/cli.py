@@ -192,20 +192,32 @@ def _launch(args) -> int:
         argv += ["--master_port", str(args.master_port)]
     argv += ["-m", "rafale", "train", "-c", args.config, *args.overrides]
     from composer.cli import launcher
-    from rafale.signals import SIGNALS
+    from rafale.signals import PREEMPTED_EXIT_CODE, SIGNALS
 
     previous = {sig: signal.signal(sig, _forward_to_ranks) for sig in SIGNALS}
     saved_argv, sys.argv = sys.argv, argv
     try:
-        return launcher.main()
+        code = launcher.main()
+        # The ranks stop at the same step, but one exits first; the launcher then SIGTERMs the others
+        # while they are exiting and reports the lowest rank's code (-15). The checkpoint is complete
+        # by then (saving ends in a barrier of all ranks), so the run was preempted, not killed.
+        if _forwarded and code == -signal.SIGTERM:
+            return PREEMPTED_EXIT_CODE
+        return code
     finally:
         sys.argv = saved_argv
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
+_forwarded = False  # a preemption signal reached the launching process and was passed to the ranks
+
+
 def _forward_to_ranks(signum, frame) -> None:
     import psutil  # Composer's launcher depends on it
+
+    global _forwarded
+    _forwarded = True
 
     for rank in psutil.Process().children():  # the ranks only: not their own workers
         try:

@@ -261,7 +261,20 @@ def tokenize_files(paths: list[Path], tok: Tokenizer, eos_id: int, doc_separator
             n_chars = 0
     if batch:
         flush()
-    return (np.concatenate(arrays) if arrays else np.empty(0, dtype)), n_docs
+    return _joined(arrays, dtype), n_docs
+
+
+def _joined(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+    """np.concatenate(arrays), freeing each part once copied: peak memory is the result plus one part,
+    not twice the result (which for a 1 GB corpus is the difference between ~0.5 and ~1 GB)."""
+    out = np.empty(sum(len(a) for a in arrays), dtype)
+    arrays.reverse()
+    start = 0
+    while arrays:
+        part = arrays.pop()
+        out[start:start + len(part)] = part
+        start += len(part)
+    return out
 
 
 def to_blocks(stream: np.ndarray, max_seq_len: int) -> np.ndarray:

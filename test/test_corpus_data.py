@@ -220,6 +220,7 @@ def test_weights_half_three_tenths_one_fifth_over_1000_blocks_give_500_300_200(r
     data = pipeline.prepare()
     assert len(data.train) == 1000
     rows = np.stack([data.train[i] for i in range(len(data.train))])
+    assert (data.train[np.array([999, 0, 999])] == rows[[999, 0, 999]]).all()  # as DEBUG=1 indexes it
     first = rows[:, 0].tolist()
     ids = {w: neox.token_to_id(w) for w in ("the", "cat", "dog")}
     assert [first.count(ids[w]) for w in ("the", "cat", "dog")] == [500, 300, 200]

@@ -83,9 +83,11 @@ def prepare_causal_lm(train: str | list[str], tokenizer: str, max_seq_len: int,
                 "dtype": np.dtype(dtype).name, "stats": stats}
         return {"train": train_blocks, "val": val_blocks}, meta
 
+    options = {"doc_separator": doc_separator, "eos_token": eos_token}
+    if text_field != "text":  # entries made before text_field existed keep their key
+        options["text_field"] = text_field
     path, arrays, meta, hit = cache.prepare_entry(
-        CausalLM.name, train, val, tokenizer, max_seq_len, val_fraction,
-        {"doc_separator": doc_separator, "eos_token": eos_token, "text_field": text_field}, build, key_prefix)
+        CausalLM.name, train, val, tokenizer, max_seq_len, val_fraction, options, build, key_prefix)
     val_blocks = arrays["val"]
     return cache.PreparedData(path=path, train=arrays["train"], val=val_blocks if len(val_blocks) else None,
                               meta=meta, hit=hit)

@@ -95,9 +95,11 @@ def prepare_mlm(train: str | list[str], tokenizer: str, max_seq_len: int, val: s
                 "dtype": np.dtype(dtype).name, "stats": stats}
         return splits, meta
 
+    options = {"doc_separator": doc_separator}
+    if text_field != "text":  # entries made before text_field existed keep their key
+        options["text_field"] = text_field
     path, arrays, meta, hit = cache.prepare_entry(MaskedLM.name, train, val, tokenizer, max_seq_len, val_fraction,
-                                                  {"doc_separator": doc_separator, "text_field": text_field}, build,
-                                                  key_prefix)
+                                                  options, build, key_prefix)
     return cache.PreparedData(path=path, train=arrays["train"], val=arrays["val"] if len(arrays["val"]) else None,
                               meta=meta, hit=hit)
 

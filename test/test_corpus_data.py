@@ -254,6 +254,11 @@ def test_mixture_sources_hold_out_their_own_tails_or_read_data_val(rafale_home, 
     cfg.data.val = str(write_blocks(tmp_path / "v.jsonl", "dog", 7))
     prepared = pipeline_of(cfg).prepare()
     assert len(prepared.val) == 7 and len(prepared.train) == 100
+    # A source too small for its held-out share is named by its place in the mixture.
+    cfg.data.val, cfg.data.train = None, [{"path": str(a), "weight": 1},
+                                          {"path": str(write_blocks(tmp_path / "one.jsonl", "dog", 1)), "weight": 1}]
+    with pytest.raises(UserError, match=r"data.train\[1\] \(.*one.jsonl\): data.train: 1 block\(s\), too few"):
+        pipeline_of(cfg).prepare()
 
 
 @pytest.mark.parametrize("train, message", [

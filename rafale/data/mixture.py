@@ -136,7 +136,12 @@ def prepare(section, prepare_one: Callable, key: str = "data.train"):
 
     srcs = sources_of(section)
     explicit_val = section.val is not None
-    parts = [prepare_one(s.path, s.text_field, None, 0.0 if explicit_val else section.val_fraction) for s in srcs]
+    parts = []
+    for i, s in enumerate(srcs):
+        try:
+            parts.append(prepare_one(s.path, s.text_field, None, 0.0 if explicit_val else section.val_fraction))
+        except UserError as e:  # say which source of the mixture, then what the pipeline said
+            raise UserError(f"{key}[{i}] ({s.path}): {e}") from None
     val_part = prepare_one(section.val, section.text_field, None, 0.0) if explicit_val else None
     metas = [p.meta for p in parts]
     for s, m in zip(srcs[1:], metas[1:]):

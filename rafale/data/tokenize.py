@@ -26,8 +26,9 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]")
 # pieces gained nothing, 16 KB+ pieces were slower.
 PIECE_CHARS = 4096
 # Text handed to one encode_batch call: bounds the memory held by Encoding objects (each keeps
-# token strings and masks besides the ids) to a few hundred MB.
-BATCH_CHARS = 8 << 20
+# token strings and masks besides the ids), and the wait for a Ctrl-C, which Python handles only
+# between two calls (1 MiB: ~0.2 s on 2 cores).
+BATCH_CHARS = 1 << 20
 
 # Safe cuts: (a) before a space that follows a non-space, (b) after a newline that has non-spaces on
 # both sides. With the GPT-2 and Llama-3 pre-tokenizer regexes (byte-level BPE: GPT-2, NeoX,
@@ -47,8 +48,21 @@ PROBE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n'Tis so
          " \n It 's 12345 km ( 24 in ) .\tTab\n")
 
 
-def load_tokenizer(tokenizer_json: str) -> Tokenizer:
-    tok = Tokenizer.from_str(tokenizer_json)
+def load_tokenizer(tokenizer_json: str | bytes, where: str = "data.tokenizer") -> Tokenizer:
+    """A tokenizer.json's text as a Tokenizer; a UserError naming `where` (the key and file) when the
+    file is not a tokenizer or gives ids its vocabulary does not count (they would index past the
+    model's embedding)."""
+    try:
+        text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
+        tok = Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception for every malformed file
+        raise UserError(f"{where} is not a valid tokenizer.json ({' '.join(str(e).split())[:120]}); point it "
+                        f"at a tokenizer.json saved by `tokenizers` or transformers") from None
+    size, (token, top) = tok.get_vocab_size(with_added_tokens=True), max(
+        tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+    if top >= size:
+        raise UserError(f"{where}: token {token!r} has id {top}, past the {size:,} tokens of its vocabulary; "
+                        f"renumber the vocabulary from 0 without gaps")
     # Some tokenizer.json files carry truncation/padding (bert-base-uncased: 128); here they would
     # silently cut every piece of text, so both are switched off.
     tok.no_truncation()

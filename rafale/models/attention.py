@@ -63,7 +63,8 @@ def cu_seqlens(documents: torch.Tensor) -> tuple[torch.Tensor, int]:
 def load_flash():
     """flash-attn's module, or a ModelError saying how to get it."""
     if not torch.cuda.is_available():
-        raise ModelError("flash needs a CUDA GPU (flash-attn has no CPU kernels); use sdpa or flex here", "attention")
+        raise ModelError(f"flash needs a CUDA GPU with the flash-attn package, which ships as source only "
+                         f"({FLASH_INSTALL}); this machine has no GPU: use sdpa or flex", "attention")
     try:
         import flash_attn
     except ImportError:

@@ -3,7 +3,7 @@
 Nothing heavy is imported at module level: `rafale --help`, `rafale runs` and config errors answer
 without paying for torch or Composer. Environment switches: DATA=1 (prepare only), DEBUG=1 (overfit
 one batch), FORCE=1 (train again although this config already completed), RAFALE_HOME (where
-everything is written).
+everything is written), RAFALE_TRACEBACK=1 (a failure's traceback instead of its one line).
 """
 
 import argparse
@@ -187,9 +187,6 @@ def _launch(args) -> int:
     the ranks, which checkpoint and exit 75, instead of killing the launcher and orphaning them."""
     import signal
 
-    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
-        raise UserError(f"--nproc and --nnodes must be >= 1 and --node-rank in 0..nnodes-1, got "
-                        f"{args.nproc}, {args.nnodes}, {args.node_rank}")
     argv = ["composer", "-n", str(args.nproc), "--world_size", str(args.nproc * args.nnodes),
             "--node_rank", str(args.node_rank), "--base_rank", str(args.node_rank * args.nproc),
             "--master_addr", args.master_addr]
@@ -421,10 +418,6 @@ def _check_command_line(argv: list[str]) -> None:
         if arg.partition("=")[0] in ENV_SWITCHES and "=" in arg:
             raise UserError(f"{arg} is an environment variable, not a config key: write it before the "
                             f"command, e.g. `{arg} rafale train -c CONFIG`")
-    if "--nproc" in argv[:-1] or any(a.startswith("--nproc=") for a in argv):
-        value = argv[argv.index("--nproc") + 1] if "--nproc" in argv else argv[-1].partition("=")[2]
-        if value.lstrip("-").isdigit() and int(value) < 1:
-            raise UserError(f"--nproc must be >= 1, got {value}")
 
 
 def _fail(message: str, code: int) -> int:
@@ -468,6 +461,9 @@ INTERRUPTED = "run the same command to resume"
 
 
 def _dispatch(args) -> int:
+    if args.command == "train" and (args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes):
+        raise UserError(f"--nproc and --nnodes must be >= 1 and --node-rank in 0..nnodes-1, got "
+                        f"{args.nproc}, {args.nnodes}, {args.node_rank}")
     if args.command in ("train", "prepare", "debug"):
         mode = args.command
         if mode == "train" and _env_flag("DATA"):

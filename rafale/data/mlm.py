@@ -184,6 +184,9 @@ class MaskedLM(Pipeline):
         labels = batch["labels"]
         return labels[labels != IGNORE_INDEX]  # (N,), in the order of forward's logits
 
+    def loss_tokens(self, batch: dict) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
     def forward(self, network, batch: dict, training: bool):
         """Logits (N, V) at the N positions with a label (the masked ones): the head's (V x C) matmul runs
         on those alone."""

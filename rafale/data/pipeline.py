@@ -10,6 +10,9 @@ training data and its objective.
     dataset() / collator()      the torch side of a split
     forward / loss / eval_forward / metrics / update_metric / flops     the objective, which the one
                    ComposerModel (rafale/task_model.py) calls
+    loss_tokens()  how many targets of a batch carry loss: a step's loss is the mean over the step's
+                   loss-bearing targets whatever the micro-batch split (data/loaders.py, train.py)
+    check_network()             refuses, before training, a network the pipeline cannot drive
     progress, eval_extras()     what the progress line and `rafale eval` report
     export_tokens()             the special tokens `rafale export` writes
 
@@ -103,8 +106,19 @@ class Pipeline:
         return None
 
     # --- the objective (see rafale/task_model.py) ---
+    def check_network(self, network) -> None:
+        """A UserError when this section's settings need something `network` lacks."""
+
     def forward(self, network, batch: dict, training: bool):
         raise NotImplementedError
+
+    def loss_tokens(self, batch: dict) -> int | None:
+        """The number of targets in `batch` that `loss` averages over; None (the default): one per sample,
+        for a loss averaged over the samples. Composer weighs each micro-batch's loss by its share of the
+        step's count (accumulate_train_batch_on_tokens, data/loaders.py), so the step's loss is the mean
+        over all of them however the batch is split. `loss` must then be that mean (0, not NaN, when the
+        count is 0)."""
+        return None
 
     def loss(self, outputs, batch: dict):
         raise NotImplementedError

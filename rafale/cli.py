@@ -13,7 +13,7 @@ import sys
 
 from rafale.errors import UserError
 
-COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "tokenizer")
+COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "tokenizer", "cache")
 
 
 def _env_flag(name: str) -> bool:
@@ -111,6 +111,18 @@ def _parser() -> argparse.ArgumentParser:
                          "wordpiece [PAD] [UNK] [CLS] [SEP] [MASK])")
     tt.add_argument("--text-field", default="text", help="the column holding the text in row formats (default text)")
     tt.add_argument("-o", "--output", required=True, help="the tokenizer.json to write (replaced if it exists)")
+    ca = sub.add_parser("cache", help="list or remove data cache entries",
+                        description="list or remove the tokenized data cache entries in $RAFALE_HOME/data")
+    ca_sub = ca.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    cl = ca_sub.add_parser("ls", help="entries: key, pipeline, sources, tokenizer, size on disk, last use",
+                           description="entries, most recently used first: key, pipeline, sources, tokenizer, "
+                                       "size on disk (as du counts it), last use")
+    cl.add_argument("--json", action="store_true", help="one JSON object per entry, sizes in bytes")
+    cr = ca_sub.add_parser("rm", help="remove entries by key prefix or age",
+                           description="remove entries by key (or name) prefix, or those last used longer ago "
+                                       "than --older-than; an entry being built or in use is refused (exit 2)")
+    cr.add_argument("keys", nargs="*", metavar="KEY", help="key or entry-name prefixes (see `rafale cache ls`)")
+    cr.add_argument("--older-than", metavar="AGE", help="entries last used more than AGE ago: 90m, 12h, 7d, 2w")
     return p
 
 
@@ -317,6 +329,64 @@ def _cmd_tokenizer(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    from rafale.data import entries
+
+    if args.cache_command == "ls":
+        found = entries.list_entries()
+        if args.json:
+            for e in found:
+                print(json.dumps(e.as_dict()))
+            return 0
+        from rich.console import Console
+        from rich.table import Table
+
+        from rafale.paths import data_cache_dir
+
+        table = Table(box=None)
+        table.add_column("key", no_wrap=True, min_width=max((len(e.name) for e in found), default=3))
+        table.add_column("pipeline", no_wrap=True)
+        table.add_column("sources", overflow="fold")  # the column that gives way on a narrow terminal
+        for column in ("tokenizer", "size", "last use", "state"):
+            table.add_column(column, no_wrap=True)
+        for e in found:
+            names = [os.path.basename(s) for s in e.sources]
+            shown = ", ".join(names[:2]) + (f" +{len(names) - 2}" if len(names) > 2 else "")
+            tokenizer = os.path.basename(os.path.dirname(e.tokenizer)) if e.tokenizer.endswith("tokenizer.json") \
+                else e.tokenizer
+            table.add_row(e.name, e.pipeline, shown, tokenizer, _human_bytes(e.size), _ago(e.last_use), e.state)
+        # Piped output is not cut at 80 columns: keys and paths are what one copies from it.
+        Console(width=None if sys.stdout.isatty() else 200).print(
+            table if found else f"no data cache entries in {data_cache_dir()}")
+        return 0
+    refused = 0
+    for e in entries.select(args.keys, args.older_than):
+        why = entries.remove(e)
+        if why is None:
+            print(f"removed {e.name} ({_human_bytes(e.size)})")
+        else:
+            print(f"rafale: error: {why}", file=sys.stderr)
+            refused += 1
+    return 2 if refused else 0
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _ago(t: float) -> str:
+    import time
+
+    s = max(0, time.time() - t)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
 def _cmd_runs() -> int:
     from rich.console import Console
     from rich.table import Table
@@ -413,6 +483,8 @@ def _dispatch(args) -> int:
         return _cmd_export(args)
     if args.command == "tokenizer":
         return _cmd_tokenizer(args)
+    if args.command == "cache":
+        return _cmd_cache(args)
     return _cmd_runs()
 
 

@@ -216,7 +216,8 @@ def test_ctrl_c_during_prepare_takes_effect_within_a_second_and_leaves_nothing(t
     assert proc.returncode == 130 and lines and "interrupted" in lines[-1][1], err
     assert lines[-1][0] - t0 < allowed, (lines[-1][0] - t0, allowed)
     assert "Traceback" not in err and "interrupted" in err
-    assert [p.name for p in (home / "data").iterdir() if not p.name.endswith(".lock")] == []
+    # No entry and no temporary directory: only locks, and the manifest of the source hashes already taken.
+    assert [p.name for p in (home / "data").iterdir() if not p.name.endswith(".lock")] in ([], ["manifest.json"])
 
 
 # --- 3: no run left `running` ------------------------------------------------------------------------
@@ -316,7 +317,8 @@ def test_full_disk_during_prepare_and_export_is_one_line_and_leaves_nothing(trai
     fresh = tmp_path / "fresh"
     full = _run_limited("prepare", "-c", str(trained["config"]), home=fresh, fsize=8 << 10)
     assert full.returncode == 2 and "no space" in _one_line(full.stderr), full.stderr
-    assert [p.name for p in (fresh / "data").iterdir() if not p.name.endswith(".lock")] == []
+    # No entry and no temporary file: only locks, and the manifest of the source hashes already taken.
+    assert [p.name for p in (fresh / "data").iterdir() if not p.name.endswith(".lock")] in ([], ["manifest.json"])
 
     out = tmp_path / "hf"
     run_dir = home / "runs" / trained["run"]

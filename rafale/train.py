@@ -249,7 +249,8 @@ def train(cfg: Config, force: bool = False) -> Path:
         trainer = build_trainer(cfg, model, data, run_dir, extra_callbacks=[preemption])
         preemption.install()
         try:
-            trainer.fit()
+            if not _already_done(trainer.state):
+                trainer.fit()
         finally:
             preemption.uninstall()
             trainer.close()
@@ -270,6 +271,13 @@ def train(cfg: Config, force: bool = False) -> Path:
     if rank0:
         runs.mark_ended(run_dir, "completed", steps=steps)
     return run_dir
+
+
+def _already_done(state: State) -> bool:
+    """Autoresume loaded the final checkpoint: the run ended before its status could say so (a kill
+    after the last save, a damaged status.json). Composer's fit would refuse with a ValueError."""
+    done = state.max_duration
+    return done is not None and done <= state.timestamp.get(done.unit)
 
 
 def _mark_stopped(run_dir: Path, e: BaseException) -> None:

@@ -25,11 +25,11 @@ import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import ClassVar, Literal, NamedTuple, Optional
 
 import numpy as np
 
-from rafale.data import cache, tokenize
+from rafale.data import cache, mixture, tokenize
 from rafale.data.pipeline import IGNORE_INDEX, DataSection, Pipeline
 from rafale.errors import UserError
 from rafale.schema import results
@@ -37,7 +37,9 @@ from rafale.schema import results
 
 @dataclass
 class CausalLMData(DataSection):
+    mixes: ClassVar[bool] = True  # data.train may be a mixture (data/mixture.py)
     doc_separator: Optional[str] = results(None)  # split files into documents at this string
+    text_field: str = results("text", added=True)  # the column holding the text in row formats (.jsonl, .parquet, ...)
     eos_token: Optional[str] = results(None)  # appended after each document; default: the tokenizer's own
     # concat: a block is one sequence; document: positions and attention restart at every document
     packing: Literal["concat", "document"] = results("concat", added=True)
@@ -80,7 +82,8 @@ def document_starts(stream: np.ndarray, eos_id: int, n_tokens: int) -> np.ndarra
 def prepare_causal_lm(train: str | list[str], tokenizer: str, max_seq_len: int,
                       val: str | list[str] | None = None, val_fraction: float = 0.05,
                       doc_separator: str | None = None, eos_token: str | None = None,
-                      key_prefix: str = "data", packing: str = "concat") -> cache.PreparedData:
+                      key_prefix: str = "data", text_field: str = "text",
+                      packing: str = "concat") -> cache.PreparedData:
     """The causal-LM blocks for these sources, from the cache or built now."""
     if max_seq_len < 2:
         raise UserError(f"{key_prefix}.max_seq_len: must be at least 2 (a block holds the inputs and "
@@ -92,7 +95,8 @@ def prepare_causal_lm(train: str | list[str], tokenizer: str, max_seq_len: int,
         vocab_size = tok.get_vocab_size(with_added_tokens=True)  # ~10 ms per call: once
         dtype = cache.token_dtype(vocab_size)
         train_key = f"{key_prefix}.train"
-        stream, n_docs = tokenize.tokenize_files(inputs.paths["train"], tok, eos_id, doc_separator, dtype, train_key)
+        stream, n_docs = tokenize.tokenize_files(inputs.paths["train"], tok, eos_id, doc_separator, dtype, train_key,
+                                                 text_field)
         if n_docs == 0:
             raise UserError(f"{train_key}: its {len(inputs.paths['train'])} file(s) hold no text (empty or only "
                             f"whitespace); point it at text files")
@@ -105,7 +109,7 @@ def prepare_causal_lm(train: str | list[str], tokenizer: str, max_seq_len: int,
         if inputs.paths["val"]:
             val_key = f"{key_prefix}.val"
             val_stream, n_val_docs = tokenize.tokenize_files(inputs.paths["val"], tok, eos_id, doc_separator,
-                                                             dtype, val_key)
+                                                             dtype, val_key, text_field)
             val_blocks = tokenize.to_blocks(val_stream, max_seq_len)
             if len(val_blocks) == 0:
                 raise UserError(f"{val_key}: the validation text is {len(val_stream):,} tokens, less than one "
@@ -131,10 +135,12 @@ def prepare_causal_lm(train: str | list[str], tokenizer: str, max_seq_len: int,
         return arrays, meta
 
     options = {"doc_separator": doc_separator, "eos_token": eos_token}
+    if text_field != "text":  # entries made before text_field existed keep their key
+        options["text_field"] = text_field
     if packing != "concat":  # concat entries keep the key they had before packing existed
         options["packing"] = packing
-    path, arrays, meta, hit = cache.prepare_entry(CausalLM.name, train, val, tokenizer, max_seq_len, val_fraction,
-                                                  options, build, key_prefix)
+    path, arrays, meta, hit = cache.prepare_entry(
+        CausalLM.name, train, val, tokenizer, max_seq_len, val_fraction, options, build, key_prefix)
     if packing == "document":
         arrays = {split: PackedBlocks(arrays[split], arrays[f"{split}_doc_starts"]) for split in ("train", "val")}
     val_blocks = arrays["val"]
@@ -208,8 +214,18 @@ class CausalLM(Pipeline):
 
     def prepare(self) -> cache.PreparedData:
         d = self.data
-        return prepare_causal_lm(d.train, d.tokenizer, d.max_seq_len, val=d.val, val_fraction=d.val_fraction,
-                                 doc_separator=d.doc_separator, eos_token=d.eos_token, packing=d.packing)
+
+        def one(train, text_field, val, val_fraction):
+            return prepare_causal_lm(train, d.tokenizer, d.max_seq_len, val=val, val_fraction=val_fraction,
+                                     doc_separator=d.doc_separator, eos_token=d.eos_token, text_field=text_field,
+                                     packing=d.packing)
+
+        if mixture.is_mixture(d.train):
+            if d.packing != "concat":  # a mixture draws plain rows; document starts are not carried across
+                raise UserError("data.packing: document is not available for a mixture (data.train as a list of "
+                                "{path, weight}) yet; use data.packing: concat, or one source")
+            return mixture.prepare(d, one)
+        return one(d.train, d.text_field, d.val, d.val_fraction)
 
     def model_meta(self) -> dict:
         """The tokenizer's size and end-of-document token, read from the tokenizer alone: generating from

@@ -41,8 +41,10 @@ BUILTIN = {
 @dataclass
 class DataSection:
     """The data keys every pipeline reads."""
+    mixes: ClassVar[bool] = False  # whether data.train may be a {path, weight} mixture (data/mixture.py)
     pipeline: str = results("causal_lm")  # a registered name, or an import path to a Pipeline subclass
-    train: Union[str, list[str]] = results("tinyshakespeare/input.txt")
+    # a file, a directory, a list of them, or (pipelines that mix) a list of {path, weight, ...}
+    train: Union[str, list[Union[str, dict]]] = results("tinyshakespeare/input.txt")
     # explicit validation sources; else the last val_fraction of the training data
     val: Union[str, list[str], None] = results(None)
     val_fraction: float = results(0.05)
@@ -56,7 +58,9 @@ class DataSection:
             problems.append(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
         if self.max_seq_len <= 0:
             problems.append(f"data.max_seq_len: must be > 0, got {self.max_seq_len}")
-        return problems
+        from rafale.data import mixture
+
+        return problems + mixture.problems(self.train, self, self.mixes)
 
 
 class Pipeline:
@@ -78,8 +82,13 @@ class Pipeline:
     def report(self, prepared) -> str:
         """What `rafale prepare` prints after the entry's path: counts of what is in it."""
         s = prepared.meta["stats"]
-        return (f"{s['documents']:,} documents, {s['tokens']:,} tokens, {s['train_blocks']:,} train + "
+        line = (f"{s['documents']:,} documents, {s['tokens']:,} tokens, {s['train_blocks']:,} train + "
                 f"{s['val_blocks']:,} val blocks of {self.data.max_seq_len} tokens")
+        if "mixture" in prepared.meta:
+            from rafale.data import mixture
+
+            line += "\n  " + mixture.report(prepared.meta).replace("\n", "\n  ")
+        return line
 
     def model_meta(self) -> dict:
         """What building the network needs from the data (vocab_size, special tokens, labels), for

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-WORKLOADS = ("train", "generation", "data", "startup")
+WORKLOADS = ("train", "tiny", "generation", "data", "startup")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
@@ -70,9 +70,10 @@ def main() -> None:
     import data_prep
     import generation
     import startup
+    import tiny_train
     import train_throughput
 
-    modules = {"train": train_throughput, "generation": generation, "data": data_prep, "startup": startup}
+    modules = {"train": train_throughput, "tiny": tiny_train, "generation": generation, "data": data_prep, "startup": startup}
     rows, t_start = [], time.perf_counter()
     for name in chosen:
         t0 = time.perf_counter()

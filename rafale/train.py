@@ -291,6 +291,10 @@ class _LossHistory(Callback):
 # fits. A correct model of any bundled config ends far below it (see DebugSection); one that cannot
 # learn (lr 0, a detached head) stays near 100%.
 DEBUG_FIT_RATIO = 0.2
+# ... and a batch it never trained on must not fall below this share of its first loss: what one batch
+# teaches a correct model about other text is roughly the token frequencies, which leaves it above ~55%
+# (bench/debug_sanity.py), while a model that sees its targets copies them there too.
+DEBUG_LEAK_RATIO = 0.4
 
 
 def _batch_loss(trainer: Trainer, model, batch: dict) -> float:
@@ -345,14 +349,14 @@ def debug_overfit(cfg: Config, fit_ratio: float = DEBUG_FIT_RATIO) -> bool:
     leaks = False
     if unseen is not None:
         unseen_last = _batch_loss(trainer, model, unseen)
-        leaks = unseen_last < fit_ratio * unseen_first
+        leaks = unseen_last < DEBUG_LEAK_RATIO * unseen_first
         print(f"debug: a batch it never trained on: loss {unseen_first:.4f} -> {unseen_last:.4f} "
               f"({unseen_last / unseen_first:.1%} of the first)")
     if not fitted:
         print(f"debug: FAILED, the final loss is not below {fit_ratio:.0%} of the first: check the model, "
               f"the labels and the learning rate (debug.lr={cfg.debug.lr}, debug.steps={cfg.debug.steps})")
     elif leaks:
-        print(f"debug: FAILED, the loss on a batch it never saw fell below {fit_ratio:.0%} of the first too: "
+        print(f"debug: FAILED, the loss on a batch it never saw fell below {DEBUG_LEAK_RATIO:.0%} of its first: "
               f"the targets can be read off the inputs; check the labels' shift and the attention mask")
     else:
         print("debug: OK, the model fits one batch and does not read its targets off its inputs")

@@ -4,6 +4,7 @@ the loss on a batch it never saw, and the time it takes. The figures behind the 
 
     python bench/debug_sanity.py                       # the defaults
     python bench/debug_sanity.py debug.lr=3e-3 debug.steps=60 debug.batch=4
+    CONFIGS=llama-tinystories,bert-sst2 python bench/debug_sanity.py   # some of them
 """
 
 import os
@@ -30,7 +31,8 @@ def main(overrides: list[str]) -> None:
             curves.append(self.losses)
 
     rafale.train._LossHistory = Recording
-    for name in bundled_configs():
+    names = os.environ.get("CONFIGS")
+    for name in names.split(",") if names else bundled_configs():
         cfg = load_config(name, overrides + ["monitor.progress=false"])
         rafale.train.build_data(cfg)  # the data cache is not part of the figure
         wall, cpu = time.perf_counter(), time.process_time()

@@ -143,9 +143,13 @@ class MonitorSection:
 
 @dataclass
 class DebugSection:
+    # Measured on every bundled config (bench/debug_sanity.py, 2026-12-02): llama-tinystories is the slowest
+    # to fit, 29% of its first loss after 60 steps at lr 1e-3 on 2 rows and still falling (at 3e-3 it stalls
+    # near 42%, and 4 rows or more only cost time); the others are lower. 60 steps of 2 rows took 36 s
+    # of one core there, about 20 s on 2 idle cores with the imports.
     steps: int = bookkeeping(60)  # optimizer steps on the one fixed batch
     lr: float = bookkeeping(1.0e-3)  # constant; 0 shows what a model that cannot learn looks like
-    batch: int = bookkeeping(8)  # rows in that batch
+    batch: int = bookkeeping(2)  # rows in that batch
 
 
 def _default_data() -> DataSection:

@@ -323,9 +323,10 @@ class _LossHistory(Callback):
 
 
 # DEBUG=1 judges the last loss on the one batch against the first: below this share of it, the model
-# fits. A correct model of any bundled config ends far below it (see DebugSection); one that cannot
-# learn (lr 0, a detached head) stays near 100%.
-DEBUG_FIT_RATIO = 0.2
+# fits. A correct model of every bundled config ends at or below 29% with the debug defaults (see
+# DebugSection); one that cannot learn (lr 0, a detached head) stays near 100%, and one that learns only
+# token frequencies stops near 60-75% (what the unseen batches fall to). 20% called healthy models broken.
+DEBUG_FIT_RATIO = 0.35
 # ... and a batch it never trained on must not fall below this share of its first loss: what one batch
 # teaches a correct model about other text is roughly the token frequencies, which leaves it above ~55%
 # (bench/debug_sanity.py), while a model that sees its targets copies them there too.

@@ -132,7 +132,7 @@ def test_debug_overfits_one_batch_and_fails_loudly_when_it_cannot(tiny_config, t
     # A zero learning rate cannot fit anything: the check must fail.
     bad = run_cli("debug", "-c", str(tiny_config), "debug.lr=0", "debug.steps=5", home=tmp_path)
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "debug: FAILED, the final loss is not below 20% of the first" in bad.stdout
+    assert "debug: FAILED, the final loss is not below 35% of the first" in bad.stdout
 
 
 NO_SHIFT = """

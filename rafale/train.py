@@ -199,8 +199,13 @@ def build_trainer(cfg: Config, model, data: PreparedData, run_dir: Path | None,
 
 class FullFinalEval(Callback):
     """train.eval_batches limits the periodic evaluations; the one after the last step reads the whole
-    validation split. Composer runs FIT_END's callbacks before that evaluation, so lifting the limit
-    here applies to it alone."""
+    validation split. Composer runs a step's (and FIT_END's) callbacks before its evaluation, and when an
+    interval evaluation falls on the last step it is the final one (none follows at FIT_END), so the
+    limit is lifted at the last step's end."""
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if state.get_elapsed_duration() is not None and state.get_elapsed_duration() >= 1:
+            self.fit_end(state, logger)
 
     def fit_end(self, state: State, logger: Logger) -> None:
         for evaluator in state.evaluators:

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-WORKLOADS = ("train", "generation", "data", "startup", "packing")
+WORKLOADS = ("train", "tiny", "generation", "data", "startup", "packing")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
@@ -71,10 +71,11 @@ def main() -> None:
     import generation
     import packing
     import startup
+    import tiny_train
     import train_throughput
 
-    modules = {"train": train_throughput, "generation": generation, "data": data_prep, "startup": startup,
-               "packing": packing}
+    modules = {"train": train_throughput, "tiny": tiny_train, "generation": generation, "data": data_prep,
+               "startup": startup, "packing": packing}
     rows, t_start = [], time.perf_counter()
     for name in chosen:
         t0 = time.perf_counter()

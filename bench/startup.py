@@ -3,7 +3,8 @@ pythia-tinyshakespeare` to the end of its first training step.
 
   --help       rafale's console script against `composer --help` (the launcher of the stack rafale is
                built on) and `python -c pass` (the interpreter alone: the floor)
-  first step   `rafale train -c pythia-tinyshakespeare train.max_duration=1ba` in a fresh RAFALE_HOME
+  first step   `rafale train -c pythia-tinyshakespeare data.tokenizer=gpt-neox-20b train.max_duration=1ba`
+               (the bundled config as train_throughput.py measures it) in a fresh RAFALE_HOME
                whose data cache is already built (data preparation has its own benchmark), timed from
                launch until the step's line lands in metrics.jsonl; against a bare script that
                imports torch and rafale's Decoder, loads the same cached blocks and takes one AdamW
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BIN = Path(common.PYTHON).parent
+from train_throughput import CONFIG, OVERRIDES  # noqa: E402  the same workload: GPT-NeoX tokens, 50,304-row head
 BATCH = 16  # the bundled config's global_batch_size
 STEP_DONE = "first step done"
 
@@ -64,7 +66,7 @@ def rafale_first_step(shared_data: Path) -> float:
         shutil.copytree(shared_data, home / "data")
         env = dict(os.environ, RAFALE_HOME=str(home))
         t0 = time.perf_counter()
-        proc = subprocess.Popen([str(BIN / "rafale"), "train", "-c", "pythia-tinyshakespeare",
+        proc = subprocess.Popen([str(BIN / "rafale"), "train", "-c", CONFIG, *OVERRIDES,
                                  "train.max_duration=1ba"], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         first = None

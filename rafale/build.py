@@ -16,14 +16,22 @@ import torch
 
 from rafale import components
 from rafale.components import Component
-from rafale.config import Config
+from rafale.config import Config, vocab_follows_tokenizer
 from rafale.data.pipeline import Pipeline, pipeline_class
 from rafale.errors import UserError
 from rafale.models import ModelError, family_for_hf, preset, preset_names
 from rafale.models.weights import load_weights, open_weights, weight_files
 
 # The size keys of the model section that override a preset's.
-SIZE_KEYS = ("n_layers", "n_heads", "d_model", "d_ff", "max_seq_len")
+SIZE_KEYS = ("n_layers", "n_heads", "d_model", "d_ff", "max_seq_len", "vocab_size")
+
+# A decoder trained from scratch gets the tokenizer's size rounded up to this: matmul-friendly rows
+# (as nanoGPT's 50304 for GPT-2's 50257); the padding rows are never targets and never generated.
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocab(n_tokens: int) -> int:
+    return -(-n_tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def pipeline_of(cfg: Config) -> Pipeline:
@@ -123,6 +131,10 @@ def network_for(task: str, preset_name: str | None = None, init_from: str | None
         check_attention(attention)
         cfg = dataclasses.replace(cfg, attention=attention)
     source = repr(init_from or preset_name)
+    if vocab_size is not None and "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
+        raise UserError(f"model.vocab_size ({overrides['vocab_size']}) is smaller than the tokenizer's {vocab_size} "
+                        f"tokens; raise it to at least {vocab_size}, or remove it (a decoder from scratch then gets "
+                        f"{padded_vocab(vocab_size)})")
     encoder_hint = "use its own tokenizer (bert-* presets: bert-base-uncased, roberta-*: roberta-base)"
     if vocab_size is not None and vocab_size > cfg.vocab_size:
         fix = encoder_hint if task != "causal_lm" else f"use a tokenizer with at most {cfg.vocab_size} tokens"
@@ -166,8 +178,11 @@ def build_network(cfg: Config, meta: dict, task: str | None = None, attention: s
         network = _component_network(m, meta)
     else:
         special = meta.get("special", {})
+        sizes = {k: getattr(m, k) for k in SIZE_KEYS if getattr(m, k) is not None}
+        if vocab_follows_tokenizer(cfg):
+            sizes.setdefault("vocab_size", padded_vocab(meta["vocab_size"]))
         network = network_for(
-            task, m.preset, m.init_from, {k: getattr(m, k) for k in SIZE_KEYS if getattr(m, k) is not None},
+            task, m.preset, m.init_from, sizes,
             vocab_size=meta["vocab_size"], pad_id=special["pad"][1] if task != "causal_lm" else None,
             labels=meta.get("labels") if task == "classification" else None, attention=attention or m.attention)
     limit = getattr(getattr(network, "cfg", None), "max_seq_len", getattr(network, "max_seq_len", None))
@@ -175,6 +190,14 @@ def build_network(cfg: Config, meta: dict, task: str | None = None, attention: s
         raise UserError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's max_seq_len "
                         f"({limit}); lower it or set model.max_seq_len")
     return network
+
+
+def as_built(cfg: Config, network: torch.nn.Module) -> Config:
+    """The config to save in the run directory: with the vocabulary the tokenizer gave the network written
+    out, so that the run's checkpoint is read back at its size whatever the rule later becomes."""
+    if not vocab_follows_tokenizer(cfg) or cfg.model.vocab_size is not None:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=network.cfg.vocab_size))
 
 
 def _component_network(m: Component, meta: dict) -> torch.nn.Module:

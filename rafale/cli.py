@@ -273,18 +273,20 @@ def _cmd_generate(args) -> int:
     from rafale.generate import generate_all
     from rafale.inference import hf_eos_ids, load_hf, load_run, run_eos_ids
 
+    only = {}  # an HF model decodes over its whole head, as transformers' generate does
     if args.hf is not None:
         (model, tokenizer), eos = load_hf(args.hf), hf_eos_ids(args.hf)
     else:
         model, tokenizer, cfg = load_run(args.run)
         eos = run_eos_ids(cfg, tokenizer)
+        only = {"n_tokens": tokenizer.get_vocab_size(with_added_tokens=True)}  # not a padded head's extra rows
     prompt_ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
     if not all(prompt_ids):
         which = "--prompt" if args.prompts_file is None else f"prompt {prompt_ids.index([]) + 1} of --prompts-file"
         raise UserError(f"{which} is empty after tokenization; give some text")
     results = generate_all(model, prompt_ids, args.max_new_tokens, args.batch_size, eos_token_id=eos,
                            sampling=sampling, stop=args.stop,
-                           decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+                           decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False), **only)
     for text, ids, c in zip(texts, prompt_ids, results):
         if args.json:
             print(json.dumps({"prompt_ids": ids, "output_ids": c.output_ids, "text": c.text,

@@ -11,7 +11,7 @@ the component form `{class: import.path, ...keyword arguments}`, and `train.call
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -52,6 +52,12 @@ class ModelSection:
     d_model: Optional[int] = results(None)
     d_ff: Optional[int] = results(None)
     max_seq_len: Optional[int] = results(None)
+    # Rows of the embedding and the head. None: a decoder trained from scratch gets the tokenizer's size
+    # rounded up to a multiple of 64 (build.py); an encoder or an init_from model keeps its own.
+    vocab_size: Optional[int] = results(None, added=True)
+    # Set on the config.yaml of a run made when a decoder always kept its preset's vocabulary (it lacks
+    # vocab_size): that run's checkpoint has the preset's size. Not a key.
+    preset_vocab: bool = field(default=False, init=False, repr=False, compare=False)
     # The decoder's attention kernel (rafale/models/attention.py): the same numbers up to rounding.
     attention: Literal["sdpa", "flex", "flash"] = results("sdpa", added=True)
 
@@ -95,6 +101,9 @@ class TrainSection:
     precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = results("auto")
     clip_norm: Optional[float] = results(1.0)  # None disables clipping
     eval_interval: str = bookkeeping("100ba")
+    # Batches of the validation split each periodic evaluation reads (Composer's eval_subset_num_batches;
+    # null: all of them). The evaluation at the end of training always reads the whole split.
+    eval_batches: Optional[int] = bookkeeping(None)
     save_interval: str = bookkeeping("200ba")
     keep_checkpoints: int = bookkeeping(-1)  # keep only the newest K checkpoints; -1 keeps all
     compile: bool = results(False)  # torch.compile the model (Composer compile_config)
@@ -134,8 +143,13 @@ class MonitorSection:
 
 @dataclass
 class DebugSection:
+    # Measured on every bundled config (bench/debug_sanity.py, 2026-12-02): llama-tinystories is the slowest
+    # to fit, 29% of its first loss after 60 steps at lr 1e-3 on 2 rows and still falling (at 3e-3 it stalls
+    # near 42%, and 4 rows or more only cost time); the others are lower. 60 steps of 2 rows took 36 s
+    # of one core there, about 20 s on 2 idle cores with the imports.
     steps: int = bookkeeping(60)  # optimizer steps on the one fixed batch
-    lr: float = bookkeeping(1.0e-3)
+    lr: float = bookkeeping(1.0e-3)  # constant; 0 shows what a model that cannot learn looks like
+    batch: int = bookkeeping(2)  # rows in that batch
 
 
 def _default_data() -> DataSection:
@@ -162,8 +176,18 @@ class Config:
         if self.data.pipeline not in BUILTIN:  # a pipeline from a file: by its source
             view["data"]["pipeline"] = components.identity(self.data.pipeline)
         view["data"] = {**LEGACY_DATA_KEYS, **view["data"]}
+        if vocab_follows_tokenizer(self):
+            # Such a decoder once kept its preset's vocabulary (50,304 rows whatever the tokenizer): a
+            # different model, so a different run, never resumed from a checkpoint of the other size.
+            view["model"]["vocab"] = "tokenizer"
         blob = json.dumps(view, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
+
+
+def vocab_follows_tokenizer(cfg: Config) -> bool:
+    """Whether the config trains a decoder preset from scratch, whose vocabulary the tokenizer sizes."""
+    return (isinstance(cfg.model, ModelSection) and cfg.model.init_from is None and not cfg.model.preset_vocab
+            and pipeline_class(cfg.data.pipeline).task == "causal_lm")
 
 
 def _is_time(value: str) -> bool:
@@ -183,10 +207,16 @@ def _validate_values(cfg: Config) -> None:
                             f"or 0.02dur, got '{value}'")
     positive = {"train.global_batch_size": cfg.train.global_batch_size,
                 "train.device_microbatch_size": cfg.train.device_microbatch_size,
-                "debug.steps": cfg.debug.steps, "debug.lr": cfg.debug.lr}
+                "debug.steps": cfg.debug.steps, "debug.batch": cfg.debug.batch}
     if isinstance(cfg.optim, OptimSection):
         positive["optim.lr"] = cfg.optim.lr
+    if cfg.train.eval_batches is not None:
+        positive["train.eval_batches"] = cfg.train.eval_batches
+    if isinstance(cfg.model, ModelSection) and cfg.model.vocab_size is not None:
+        positive["model.vocab_size"] = cfg.model.vocab_size
     problems += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+    if cfg.debug.lr < 0:
+        problems.append(f"debug.lr: must be >= 0, got {cfg.debug.lr}")
     if isinstance(cfg.optim, OptimSection):
         if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
             problems.append(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
@@ -362,8 +392,14 @@ def load_config(spec: str, overrides: list[str] = ()) -> Config:
 
 
 def load_saved_config(path: Path) -> Config:
-    """A run directory's config.yaml."""
-    return from_dict(yaml.safe_load(Path(path).read_text()))
+    """A run directory's config.yaml. One written before model.vocab_size existed describes a model with
+    its preset's vocabulary (train.py now writes the size it built)."""
+    data = yaml.safe_load(Path(path).read_text())
+    cfg = from_dict(data)
+    model = data.get("model")
+    if isinstance(cfg.model, ModelSection) and isinstance(model, dict) and "vocab_size" not in model:
+        cfg.model.preset_vocab = True
+    return cfg
 
 
 def save_config(cfg: Config, path: Path) -> None:

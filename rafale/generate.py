@@ -69,11 +69,11 @@ class _FullRecompute:
 
 
 @torch.inference_mode()
-def _decode_any(model, prompts, max_new_tokens, eos, sampling, stop, decode, indices, use_cache):
+def _decode_any(model, prompts, max_new_tokens, eos, sampling, stop, decode, indices, use_cache, n_tokens=None):
     """_decode for any network: rafale's Decoder as is; another one by full recomputation, prompts of
     one length together (without a padding mask, rows of different lengths cannot share a batch)."""
     if isinstance(model, Decoder):
-        return _decode(model, prompts, max_new_tokens, eos, sampling, stop, decode, indices, use_cache)
+        return _decode(model, prompts, max_new_tokens, eos, sampling, stop, decode, indices, use_cache, n_tokens)
     model = _FullRecompute(model)
     groups: dict[int, list[int]] = {}
     for b, p in enumerate(prompts):
@@ -81,7 +81,8 @@ def _decode_any(model, prompts, max_new_tokens, eos, sampling, stop, decode, ind
     rows: dict[int, tuple] = {}
     for members in groups.values():
         tokens, ends, reasons, texts = _decode(model, [prompts[b] for b in members], max_new_tokens, eos, sampling,
-                                               stop, decode, [indices[b] for b in members], use_cache=False)
+                                               stop, decode, [indices[b] for b in members], use_cache=False,
+                                               n_tokens=n_tokens)
         for j, b in enumerate(members):
             rows[b] = (tokens[j], ends[j], reasons[j], texts[j])
     n = max(len(r[0]) for r in rows.values())
@@ -95,8 +96,9 @@ def _decode_any(model, prompts, max_new_tokens, eos, sampling, stop, decode, ind
 @torch.inference_mode()
 def _decode(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: Sequence[int],
             sampling: SamplingConfig, stop: Sequence[str], decode: Callable[[list[int]], str] | None,
-            indices: Sequence[int], use_cache: bool):
-    """The decoding loop; `eos`: the token ids that end a row. Returns (new tokens (B, n), every finished
+            indices: Sequence[int], use_cache: bool, n_tokens: int | None = None):
+    """The decoding loop; `eos`: the token ids that end a row; `n_tokens`: the tokenizer's size, when the
+    head has padding rows past it (never generated). Returns (new tokens (B, n), every finished
     row filled after its end, per-row token counts, finish reasons, texts or None)."""
     assert decode is not None or not stop, "stop strings need `decode`"
     B, lengths = len(prompts), [len(p) for p in prompts]
@@ -138,6 +140,9 @@ def _decode(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: in
     cache = KVCache(model.cfg, B, L, device, dtype) if use_cache and not plain else None
 
     head = (lambda h: h) if plain else decoding_head(model)
+    if n_tokens is not None:
+        unpadded = head
+        head = lambda h: unpadded(h)[..., :n_tokens]  # noqa: E731  (the padding rows are no tokens)
     # The head runs on the last position only: the prompt's other logits are never needed.
     logits = head(forward(0, T, cache)[:, -1])  # (B, V)
     seen = None
@@ -194,15 +199,17 @@ def generate(model: Decoder, prompt_ids: torch.Tensor, max_new_tokens: int,
 def generate_batch(model: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    eos_token_id: int | Sequence[int] | None = None, sampling: SamplingConfig = GREEDY,
                    stop: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None,
-                   indices: Sequence[int] | None = None, use_cache: bool = True) -> list[Completion]:
+                   indices: Sequence[int] | None = None, use_cache: bool = True,
+                   n_tokens: int | None = None) -> list[Completion]:
     """Continues prompts of any lengths together, one `Completion` each. `eos_token_id`: one id or several
     (Llama 3 instruct models end a turn with either of two). `indices` are the prompts' places in the
     whole prompt list (default 0..B-1): they pick each row's random stream, see rafale/sampling.py.
-    `decode` (token ids -> text) fills `Completion.text`; stop strings need it."""
+    `decode` (token ids -> text) fills `Completion.text`; stop strings need it. `n_tokens`: the tokenizer's
+    size; logits past it (a vocabulary padded to a multiple of 64) are never chosen."""
     indices = range(len(prompts)) if indices is None else indices
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     tokens, ends, reasons, texts = _decode_any(model, prompts, max_new_tokens, eos, sampling, stop, decode,
-                                               list(indices), use_cache)
+                                               list(indices), use_cache, n_tokens)
     out = []
     for row, end, reason, text in zip(tokens.tolist(), ends, reasons, texts):
         ids = row[:end]

@@ -93,6 +93,7 @@ class RichProgress(LoggerDestination):
         self.task = None
         self.finished = False
         self.eval_step = 0
+        self.eval_scope = "full split"
 
     def _enabled(self) -> bool:
         return dist.get_global_rank() == 0
@@ -123,7 +124,7 @@ class RichProgress(LoggerDestination):
         if self.eval_metric in v:
             # The step of that evaluation when it is not this one (a run stopped by a signal skips its final eval).
             at = f" (step {self.eval_step})" if self.eval_step != step else ""
-            parts.append(f"{self.eval_label} {v[self.eval_metric]:.4f}{at}")
+            parts.append(f"{self.eval_label} {v[self.eval_metric]:.4f} ({self.eval_scope}){at}")
         lr = next((val for k, val in v.items() if k.startswith("lr-")), None)
         if lr is not None:
             parts.append(f"lr {lr:.2e}")
@@ -147,6 +148,11 @@ class RichProgress(LoggerDestination):
 
     def eval_end(self, state: State, logger: Logger) -> None:
         self.eval_step = int(state.timestamp.batch)
+        # Which part of the split it read: train.eval_batches limits the periodic evaluations only.
+        evaluator = next((e for e in state.evaluators if e.label == state.dataloader_label), None)
+        total = len(evaluator.dataloader.dataloader) if evaluator is not None else None
+        read = int(state.eval_timestamp.batch)
+        self.eval_scope = "full split" if total is None or read >= total else f"{read} of {total} batches"
         self._line(state, "eval")
 
     def fit_end(self, state: State, logger: Logger) -> None:

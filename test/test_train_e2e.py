@@ -129,7 +129,39 @@ def test_debug_overfits_one_batch_and_fails_loudly_when_it_cannot(tiny_config, t
     ok = run_cli("train", "-c", str(tiny_config), home=tmp_path, env={"DEBUG": "1"})
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "debug: OK" in ok.stdout
-    # A learning rate too small to fit anything must fail the check.
-    bad = run_cli("debug", "-c", str(tiny_config), "debug.lr=1e-9", "debug.steps=5", home=tmp_path)
+    # A zero learning rate cannot fit anything: the check must fail.
+    bad = run_cli("debug", "-c", str(tiny_config), "debug.lr=0", "debug.steps=5", home=tmp_path)
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "debug: FAILED" in bad.stdout
+    assert "debug: FAILED, the final loss is not below 35% of the first" in bad.stdout
+
+
+NO_SHIFT = """
+from rafale.data.causal_lm import CausalLM, TrainOutput
+
+
+class NoShift(CausalLM):
+    \"\"\"The classic bug: every position's target is its own input token (the labels are not shifted).\"\"\"
+
+    def forward(self, network, batch, training):
+        ids = batch["input_ids"]
+        return TrainOutput(network(ids, targets=ids), (*ids.shape, network.cfg.vocab_size))
+"""
+
+
+def test_debug_fails_when_the_labels_are_not_shifted(tiny_config, tmp_path):
+    """Unshifted labels fit one batch beautifully; DEBUG=1 catches them on a batch it never trained on."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    text = (tiny_config.parent / "shakespeare.txt").read_text()
+    chars = sorted(set(text))
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))  # one token per character
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(tmp_path / "chars.json"))
+    (tmp_path / "no_shift.py").write_text(NO_SHIFT)
+    cfg = yaml.safe_load(tiny_config.read_text())
+    cfg["data"].update(tokenizer=str(tmp_path / "chars.json"), pipeline=str(tmp_path / "no_shift.py") + ":NoShift")
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(cfg))
+    broken = run_cli("debug", "-c", str(tmp_path / "broken.yaml"), home=tmp_path / "home")
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "check the labels' shift" in broken.stdout, broken.stdout

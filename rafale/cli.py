@@ -85,13 +85,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--to-hf", required=True, metavar="OUT_DIR", help="a new or empty directory")
     e.add_argument("--max-shard-size", default="5GB",
                    help="split the weights into files of at most this size (default 5GB)")
-    ev = sub.add_parser("eval", help="metrics of a run's latest checkpoint on its validation split",
+    ev = sub.add_parser("eval", help="metrics of a run's latest checkpoint on its validation split, or benchmarks",
                         description="metrics of a run's latest checkpoint on its validation split (the "
-                                    "metrics/eval/* of metrics.jsonl), and for classifiers a confusion matrix")
+                                    "metrics/eval/* of metrics.jsonl), and for classifiers a confusion matrix; "
+                                    "with --tasks, lm-evaluation-harness tasks instead (pip install 'rafale[eval]')")
     ev.add_argument("--run", required=True, help="a run directory (see `rafale runs`)")
+    ev.add_argument("--tasks", nargs="+", metavar="TASK",
+                    help="lm-eval tasks: bundled names (sst2, tinystories_cloze, wikitext2_subset) or task YAML "
+                         "paths, space- or comma-separated")
+    ev.add_argument("--limit", type=int, metavar="N", help="--tasks: only the first N examples of each task")
+    ev.add_argument("--batch-size", type=int, default=8, metavar="N",
+                    help="--tasks: requests per forward pass (default 8)")
     ev.add_argument("--json", action="store_true",
                     help='print {"checkpoint", "step", "samples", "metrics": {...}, "confusion_matrix": '
-                         '{"labels", "matrix"}} (the last for classifiers)')
+                         '{"labels", "matrix"}} (the last for classifiers); with --tasks {"checkpoint", "step", '
+                         '"tasks": {TASK: {"samples", "metrics"}}}')
     sub.add_parser("runs", help="list runs: name, status, steps, last loss, path",
                    description="list runs: name, status, steps, last loss, path")
     tk = sub.add_parser("tokenizer", help="train a tokenizer.json on your corpus",
@@ -278,11 +286,29 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    if args.tasks is None:
+        if args.limit is not None:
+            raise UserError("--limit applies to --tasks; name the tasks to run, e.g. --tasks sst2")
+    else:
+        return _cmd_eval_tasks(args)
     _quiet_libraries()
     from rafale.evaluate import evaluate_run, format_report
 
     result = evaluate_run(args.run)
     print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
+def _cmd_eval_tasks(args) -> int:
+    tasks = [t for spec in args.tasks for t in spec.split(",") if t]
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    _quiet_libraries()
+    from rafale.benchmarks import format_benchmarks, run_benchmarks  # imports lm_eval
+
+    result = run_benchmarks(args.run, tasks, args.limit, args.batch_size)
+    print(json.dumps(result) if args.json else format_benchmarks(result))
     return 0
 
 

@@ -72,6 +72,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return link.resolve() if link.exists() else None
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The batch count in a checkpoint's name (Composer's ep{E}-ba{B}[-rank0.pt])."""
+    return int(_CKPT_RE.match(ckpt.name).group(2))
+
+
 def discard_unfinished_checkpoints(run_dir: Path) -> list[Path]:
     """Deletes checkpoint files newer than the one `latest` points to.
 

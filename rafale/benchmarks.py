@@ -13,8 +13,10 @@ This module imports lm_eval at the top; rafale imports it only when a benchmark 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -199,9 +201,11 @@ def run_tasks(model: Decoder, tokenizer: Tokenizer, tasks: list[str], limit: int
     hint_filter = _DropMetadataHint()
     task_logger = logging.getLogger("lm_eval.api.task")
     task_logger.addFilter(hint_filter)
+    # lm-eval prints progress ("bootstrapping for stddev: ...") to stdout, where --json's output goes.
     try:
-        out = simple_evaluate(model=lm, tasks=specs, limit=limit, task_manager=manager, log_samples=False,
-                              bootstrap_iters=BOOTSTRAP_ITERS)
+        with contextlib.redirect_stdout(sys.stderr):
+            out = simple_evaluate(model=lm, tasks=specs, limit=limit, task_manager=manager, log_samples=False,
+                                  bootstrap_iters=BOOTSTRAP_ITERS)
     finally:
         task_logger.removeFilter(hint_filter)
     samples = out.get("n-samples", {})

@@ -140,13 +140,18 @@ def _cmd_config(args, mode: str) -> int:
     _quiet_libraries()
     from rafale import train
     from rafale.monitoring import Diverged
+    from rafale.signals import ctrl_c_quits, shield
 
+    ctrl_c_quits()
     if mode == "prepare":
         train.prepare(cfg)
         return 0
     if mode == "debug":
-        return 0 if train.debug_overfit(cfg) else 1
-    from rafale.signals import shield
+        try:
+            return 0 if train.debug_overfit(cfg) else 1
+        except Diverged as e:
+            print(f"rafale: diverged: {e}", file=sys.stderr)
+            return 1
 
     shield()  # again: importing Composer replaced it with a SIGTERM handler that exits 143
     if (args.nproc > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
@@ -188,20 +193,32 @@ def _launch(args) -> int:
         argv += ["--master_port", str(args.master_port)]
     argv += ["-m", "rafale", "train", "-c", args.config, *args.overrides]
     from composer.cli import launcher
-    from rafale.signals import SIGNALS
+    from rafale.signals import PREEMPTED_EXIT_CODE, SIGNALS
 
     previous = {sig: signal.signal(sig, _forward_to_ranks) for sig in SIGNALS}
     saved_argv, sys.argv = sys.argv, argv
     try:
-        return launcher.main()
+        code = launcher.main()
+        # The ranks stop at the same step, but one exits first; the launcher then SIGTERMs the others
+        # while they are exiting and reports the lowest rank's code (-15). The checkpoint is complete
+        # by then (saving ends in a barrier of all ranks), so the run was preempted, not killed.
+        if _forwarded and code == -signal.SIGTERM:
+            return PREEMPTED_EXIT_CODE
+        return code
     finally:
         sys.argv = saved_argv
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
+_forwarded = False  # a preemption signal reached the launching process and was passed to the ranks
+
+
 def _forward_to_ranks(signum, frame) -> None:
     import psutil  # Composer's launcher depends on it
+
+    global _forwarded
+    _forwarded = True
 
     for rank in psutil.Process().children():  # the ranks only: not their own workers
         try:
@@ -344,8 +361,39 @@ def _cmd_runs() -> int:
     return 0
 
 
+ENV_SWITCHES = ("DATA", "DEBUG", "FORCE", "RAFALE_HOME", "RAFALE_TRACEBACK")
+
+
+def _check_command_line(argv: list[str]) -> None:
+    """Mistakes argparse would report confusingly: a misspelt command (it would read as an override)
+    and an environment switch written as an argument (it would read as an unknown config key)."""
+    import difflib
+
+    if argv and not argv[0].startswith("-") and "=" not in argv[0] and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"commands: {', '.join(COMMANDS)}"
+        raise UserError(f"unknown command '{argv[0]}'; {hint}")
+    for arg in argv:
+        if arg.partition("=")[0] in ENV_SWITCHES and "=" in arg:
+            raise UserError(f"{arg} is an environment variable, not a config key: write it before the "
+                            f"command, e.g. `{arg} rafale train -c CONFIG`")
+    if "--nproc" in argv[:-1] or any(a.startswith("--nproc=") for a in argv):
+        value = argv[argv.index("--nproc") + 1] if "--nproc" in argv else argv[-1].partition("=")[2]
+        if value.lstrip("-").isdigit() and int(value) < 1:
+            raise UserError(f"--nproc must be >= 1, got {value}")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"rafale: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _check_command_line(argv)
+    except UserError as e:
+        return _fail(f"error: {e}", 2)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "train")  # `python rafale/main -c cfg.yaml` means train
     args = _parser().parse_args(argv)
@@ -353,32 +401,49 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 0
     try:
-        if args.command in ("train", "prepare", "debug"):
-            mode = args.command
-            if mode == "train" and _env_flag("DATA"):
-                mode = "prepare"
-            elif mode == "train" and _env_flag("DEBUG"):
-                mode = "debug"
-            if mode == "train":
-                from rafale.signals import shield
-
-                shield()
-            return _cmd_config(args, mode)
-        if args.command == "generate":
-            return _cmd_generate(args)
-        if args.command == "eval":
-            return _cmd_eval(args)
-        if args.command == "export":
-            return _cmd_export(args)
-        if args.command == "tokenizer":
-            return _cmd_tokenizer(args)
-        return _cmd_runs()
+        return _dispatch(args)
     except UserError as e:
-        print(f"rafale: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rafale: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return _fail(f"error: {e}", 2)
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Composer's own SIGINT handler exits with 130 (128 + SIGINT) wherever the program is.
+        if isinstance(e, SystemExit) and e.code != 130:
+            raise
+        return _fail(f"interrupted; {INTERRUPTED}", 130)
+    except Exception as e:
+        if _env_flag("RAFALE_TRACEBACK"):
+            raise
+        from rafale.errors import environment_problem
+
+        if (problem := environment_problem(e)) is not None:  # a full disk, an unwritable home
+            return _fail(f"error: {problem}", 2)
+        summary = " ".join(f"{type(e).__name__}: {e}".split())
+        return _fail(f"internal error: {summary} (RAFALE_TRACEBACK=1 shows where)", 1)
+
+
+INTERRUPTED = "run the same command to resume"
+
+
+def _dispatch(args) -> int:
+    if args.command in ("train", "prepare", "debug"):
+        mode = args.command
+        if mode == "train" and _env_flag("DATA"):
+            mode = "prepare"
+        elif mode == "train" and _env_flag("DEBUG"):
+            mode = "debug"
+        if mode == "train":
+            from rafale.signals import shield
+
+            shield()
+        return _cmd_config(args, mode)
+    if args.command == "generate":
+        return _cmd_generate(args)
+    if args.command == "eval":
+        return _cmd_eval(args)
+    if args.command == "export":
+        return _cmd_export(args)
+    if args.command == "tokenizer":
+        return _cmd_tokenizer(args)
+    return _cmd_runs()
 
 
 def entry() -> None:

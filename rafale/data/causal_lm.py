@@ -149,7 +149,7 @@ class CausalLM(Pipeline):
         from rafale.paths import resolve_tokenizer
 
         tok_path = resolve_tokenizer(self.data.tokenizer)
-        tok = tokenize.load_tokenizer(Path(tok_path).read_text())
+        tok = tokenize.load_tokenizer(Path(tok_path).read_bytes(), f"data.tokenizer {tok_path}")
         eos, eos_id = tokenize.resolve_eos(tok, self.data.eos_token, tok_path, "data")
         return {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
                 "tokenizer": {"path": str(tok_path), "eos_token": eos, "eos_id": eos_id}}

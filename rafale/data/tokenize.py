@@ -6,6 +6,7 @@ It also finds a tokenizer's end-of-document token and an encoder tokenizer's spe
 It imports no torch.
 """
 
+import codecs
 import itertools
 import re
 from pathlib import Path
@@ -24,8 +25,11 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]")
 # pieces gained nothing, 16 KB+ pieces were slower.
 PIECE_CHARS = 4096
 # Text handed to one encode_batch call: bounds the memory held by Encoding objects (each keeps
-# token strings and masks besides the ids) to a few hundred MB.
-BATCH_CHARS = 8 << 20
+# token strings and masks besides the ids), and the wait for a Ctrl-C, which Python handles only
+# between two calls (1 MiB: ~0.2 s on 2 cores).
+BATCH_CHARS = 1 << 20
+# Bytes read from a file at a time: one large document never sits in memory whole.
+READ_BYTES = 1 << 20
 
 # Safe cuts: (a) before a space that follows a non-space, (b) after a newline that has non-spaces on
 # both sides. With the GPT-2 and Llama-3 pre-tokenizer regexes (byte-level BPE: GPT-2, NeoX,
@@ -45,8 +49,21 @@ PROBE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n'Tis so
          " \n It 's 12345 km ( 24 in ) .\tTab\n")
 
 
-def load_tokenizer(tokenizer_json: str) -> Tokenizer:
-    tok = Tokenizer.from_str(tokenizer_json)
+def load_tokenizer(tokenizer_json: str | bytes, where: str = "data.tokenizer") -> Tokenizer:
+    """A tokenizer.json's text as a Tokenizer; a UserError naming `where` (the key and file) when the
+    file is not a tokenizer or gives ids its vocabulary does not count (they would index past the
+    model's embedding)."""
+    try:
+        text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
+        tok = Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception for every malformed file
+        raise UserError(f"{where} is not a valid tokenizer.json ({' '.join(str(e).split())[:120]}); point it "
+                        f"at a tokenizer.json saved by `tokenizers` or transformers") from None
+    size, (token, top) = tok.get_vocab_size(with_added_tokens=True), max(
+        tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+    if top >= size:
+        raise UserError(f"{where}: token {token!r} has id {top}, past the {size:,} tokens of its vocabulary; "
+                        f"renumber the vocabulary from 0 without gaps")
     # Some tokenizer.json files carry truncation/padding (bert-base-uncased: 128); here they would
     # silently cut every piece of text, so both are switched off.
     tok.no_truncation()
@@ -144,10 +161,48 @@ def cutting_is_exact(tok: Tokenizer, sample: str) -> bool:
     return whole == [i for e in pieces for i in e.ids]
 
 
+def _document_fragments(path: Path, doc_separator: str | None, key: str):
+    """Yields (text, ends_document) for the file's documents (cut at `doc_separator`, stripped, empty
+    ones dropped), read READ_BYTES at a time: a document of any size comes in fragments, so memory
+    does not grow with it. Trailing whitespace and what may be the start of a separator are held back
+    until the text after them is read."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending, started = "", False  # text not yet yielded; whether the current document has yielded text
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(READ_BYTES)
+            try:
+                pending += decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{key}: {path} is not UTF-8 text ({e}); convert it or leave it out") from None
+            parts = pending.split(doc_separator) if doc_separator else [pending]
+            for part in parts[:-1]:  # each ends a document
+                body = part.rstrip() if started else part.strip()
+                if started or body:
+                    yield body, True
+                started = False
+            pending = parts[-1]
+            if not raw:
+                break
+            keep = min(len(pending), len(doc_separator) - 1) if doc_separator else 0
+            head = pending[:len(pending) - keep].rstrip()
+            pending = pending[len(head):]
+            head = head if started else head.lstrip()
+            if head:
+                yield head, False
+                started = True
+    body = pending.rstrip() if started else pending.strip()
+    if started or body:
+        yield body, True
+
+
 def tokenize_files(paths: list[Path], tok: Tokenizer, eos_id: int, doc_separator: str | None,
                    dtype: type, key: str) -> tuple[np.ndarray, int]:
-    """Every document's ids followed by `eos_id`, as one array. Returns (stream, n_documents)."""
-    arrays, batch, ends, n_chars, n_docs, cut = [], [], [], 0, 0, None
+    """Every document's ids followed by `eos_id`, as one array. Returns (stream, n_documents).
+
+    Text is read, cut and encoded in bounded amounts (READ_BYTES, BATCH_CHARS) whatever the size of a
+    document, so memory stays flat and a Ctrl-C takes effect between two encode calls."""
+    arrays, batch, ends, n_chars, n_docs, cut, carry = [], [], [], 0, 0, None, ""
 
     def flush():
         # encode_batch_fast skips the character offsets that encode_batch computes and we never use.
@@ -159,15 +214,21 @@ def tokenize_files(paths: list[Path], tok: Tokenizer, eos_id: int, doc_separator
         ends.clear()
 
     for path in paths:
-        for doc in split_documents(read_text(path, key), doc_separator):
+        for fragment, end in _document_fragments(path, doc_separator, key):
             if cut is None:
-                cut = cutting_is_exact(tok, doc[:PIECE_CHARS])
-            # A tokenizer that cutting would change still parallelises over documents, not within.
-            pieces = split_pieces(doc) if cut else [doc]
+                cut = cutting_is_exact(tok, fragment[:PIECE_CHARS])
+            carry += fragment
+            if not cut and not end:
+                continue  # a tokenizer that cutting would change gets each document whole
+            pieces = split_pieces(carry) if cut else [carry]
+            # The last piece of an unfinished document may still grow: it waits for the next fragment.
+            carry = "" if end else pieces.pop()
             batch += pieces
-            ends += [False] * (len(pieces) - 1) + [True]
-            n_docs += 1
-            n_chars += len(doc)
+            ends += [False] * len(pieces)
+            if end:
+                ends[-1] = True
+                n_docs += 1
+            n_chars += sum(map(len, pieces))
             if n_chars >= BATCH_CHARS:
                 flush()
                 n_chars = 0

@@ -100,8 +100,11 @@ def _parser() -> argparse.ArgumentParser:
                     help='print {"checkpoint", "step", "samples", "metrics": {...}, "confusion_matrix": '
                          '{"labels", "matrix"}} (the last for classifiers); with --tasks {"checkpoint", "step", '
                          '"tasks": {TASK: {"samples", "metrics"}}}')
-    sub.add_parser("runs", help="list runs: name, status, steps, last loss, path",
-                   description="list runs: name, status, steps, last loss, path")
+    rs = sub.add_parser("runs", help="list runs: name, status, steps, last loss, path",
+                        description="list runs: name, status, steps, last loss, path (never cut: it comes last)")
+    rs.add_argument("name", nargs="?", metavar="NAME", help="only runs whose directory name starts with NAME")
+    rs.add_argument("--json", action="store_true",
+                    help='print a JSON list of {"name", "status", "steps", "loss", "path"}, oldest first')
     tk = sub.add_parser("tokenizer", help="train a tokenizer.json on your corpus",
                         description="train a tokenizer.json on your corpus")
     tk_sub = tk.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
@@ -346,18 +349,18 @@ def _cmd_tokenizer(args) -> int:
     return 0
 
 
-def _cmd_runs() -> int:
-    from rich.console import Console
-    from rich.table import Table
+def _cmd_runs(args) -> int:
+    from rafale.runs import format_runs, list_runs
 
-    from rafale.runs import list_runs
-
-    rows = list_runs()
-    table = Table("name", "status", "steps", "last loss", "path", box=None)
-    for r in rows:
-        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
-        table.add_row(r["name"], r["status"], str(r["steps"] if r["steps"] is not None else "-"), loss, r["path"])
-    Console().print(table if rows else "no runs yet (train one with `rafale train -c CONFIG`)")
+    rows = list_runs(args.name)
+    if args.json:
+        print(json.dumps(rows))
+    elif rows:
+        print(format_runs(rows))
+    elif args.name is not None:
+        print(f"no run named {args.name}* (`rafale runs` lists them all)")
+    else:
+        print("no runs yet (train one with `rafale train -c CONFIG`)")
     return 0
 
 
@@ -443,7 +446,7 @@ def _dispatch(args) -> int:
         return _cmd_export(args)
     if args.command == "tokenizer":
         return _cmd_tokenizer(args)
-    return _cmd_runs()
+    return _cmd_runs(args)
 
 
 def entry() -> None:

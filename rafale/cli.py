@@ -13,7 +13,7 @@ import sys
 
 from rafale.errors import UserError
 
-COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "tokenizer")
+COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "plot", "tokenizer")
 
 
 def _env_flag(name: str) -> bool:
@@ -105,6 +105,15 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("name", nargs="?", metavar="NAME", help="only runs whose directory name starts with NAME")
     rs.add_argument("--json", action="store_true",
                     help='print a JSON list of {"name", "status", "steps", "loss", "path"}, oldest first')
+    pl = sub.add_parser("plot", help="training and validation curves of runs as a PNG",
+                        description="training loss (as logged and smoothed) and validation curves of one or "
+                                    "several runs on one figure, written as a PNG (pip install 'rafale[plot]')")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (see `rafale runs`)")
+    pl.add_argument("-o", "--output", default="plot.png", help="the PNG to write (default plot.png)")
+    pl.add_argument("--metric", action="append", metavar="NAME",
+                    help="a panel for this metrics.jsonl key (or its last part, e.g. LanguagePerplexity) instead "
+                         "of the default loss and validation panels; repeatable")
+    pl.add_argument("--x", default="steps", metavar="steps|tokens", help="the x axis (default steps)")
     tk = sub.add_parser("tokenizer", help="train a tokenizer.json on your corpus",
                         description="train a tokenizer.json on your corpus")
     tk_sub = tk.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
@@ -332,6 +341,14 @@ def _cmd_eval_tasks(args) -> int:
     return 0
 
 
+def _cmd_plot(args) -> int:
+    from rafale.plot import plot_runs, save_png
+
+    fig = plot_runs(args.runs, args.metric, args.x)
+    print(f"wrote {save_png(fig, args.output)} ({len(args.runs)} run(s), {len(fig.axes)} panel(s))")
+    return 0
+
+
 def _cmd_tokenizer(args) -> int:
     import time
     from pathlib import Path
@@ -446,6 +463,8 @@ def _dispatch(args) -> int:
         return _cmd_export(args)
     if args.command == "tokenizer":
         return _cmd_tokenizer(args)
+    if args.command == "plot":
+        return _cmd_plot(args)
     return _cmd_runs(args)
 
 

@@ -13,7 +13,7 @@ import sys
 
 from rafale.errors import UserError
 
-COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "plot", "tokenizer")
+COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "plot", "config", "tokenizer")
 
 
 def _env_flag(name: str) -> bool:
@@ -105,6 +105,20 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("name", nargs="?", metavar="NAME", help="only runs whose directory name starts with NAME")
     rs.add_argument("--json", action="store_true",
                     help='print a JSON list of {"name", "status", "steps", "loss", "path"}, oldest first')
+    cs = sub.add_parser("config", help="show a config as it will run, and what it costs",
+                        description="show a config as it will run, and what it costs")
+    cs_sub = cs.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = cs_sub.add_parser("show", help="the resolved config, parameter counts, FLOPs per token, tokens per "
+                                          "step and estimated peak training memory",
+                             description="the resolved config (overrides applied, defaults filled in), exact "
+                                         "parameter counts of its network, training FLOPs per token, tokens per "
+                                         "step and an estimate of peak training memory on CPU")
+    show.add_argument("-c", "--config", required=True,
+                      help="a YAML file or the name of a bundled config (e.g. pythia-tinyshakespeare)")
+    show.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    show.add_argument("--json", action="store_true",
+                      help='print {"hash", "config", "parameters": {"total", "embedding", "head", "trainable"}, '
+                           '"flops_per_token", "tokens_per_step", "memory": {"peak_training_mb", ...}}')
     pl = sub.add_parser("plot", help="training and validation curves of runs as a PNG",
                         description="training loss (as logged and smoothed) and validation curves of one or "
                                     "several runs on one figure, written as a PNG (pip install 'rafale[plot]')")
@@ -341,6 +355,17 @@ def _cmd_eval_tasks(args) -> int:
     return 0
 
 
+def _cmd_config_show(args) -> int:
+    from rafale.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from rafale.config_show import describe, format_description
+
+    d = describe(cfg)
+    print(json.dumps(d) if args.json else format_description(d))
+    return 0
+
+
 def _cmd_plot(args) -> int:
     from rafale.plot import plot_runs, save_png
 
@@ -465,6 +490,8 @@ def _dispatch(args) -> int:
         return _cmd_tokenizer(args)
     if args.command == "plot":
         return _cmd_plot(args)
+    if args.command == "config":
+        return _cmd_config_show(args)
     return _cmd_runs(args)
 
 

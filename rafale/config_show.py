@@ -9,7 +9,8 @@ those of the model training builds; Composer is not imported. The memory estimat
                  measured: ru_maxrss after `import rafale.train` on CPU, torch 2.7 and Composer 0.32)
     state        fp32 weights + gradients + optimizer state (AdamW 2, Lion and SGD 1 per parameter)
     activations  what backward keeps per micro-batch token and layer (ACTIVATION_FLOATS)
-    head         the fused head + loss's chunk of logits (decoders; models/losses.py)
+    head         decoders: the fused head + loss's chunk of logits (models/losses.py); masked LM: the
+                 logits, log-softmax and gradient at the masked positions
 
 bench/train_memory.py compares it with the measured peak RSS of every bundled config.
 """
@@ -82,6 +83,9 @@ def memory_estimate(cfg: Config, network: torch.nn.Module, counts: dict, vocab_s
         activations = tokens * ncfg.n_layers * (ACTIVATION_FLOATS[0] * d + ACTIVATION_FLOATS[1] * d_ff) * 4
         if hasattr(network, "embed_out") and vocab_size:  # a decoder: the fused head's chunk of logits
             head = min(HEAD_CHUNK_ROWS, tokens) * vocab_size * 4
+        elif hasattr(cfg.data, "mlm_probability") and vocab_size:
+            # masked LM: logits, their log-softmax and its gradient at the masked positions
+            head = 3 * round(cfg.data.mlm_probability * tokens) * vocab_size * 4
     parts = {"runtime_mb": RUNTIME_MB, "state_mb": state / MB, "activations_mb": activations / MB,
              "head_mb": head / MB}
     return {"peak_training_mb": sum(parts.values()), **parts}

@@ -64,16 +64,16 @@ def test_bundled_default_figures():
 
 def test_cli_shows_without_composer(tmp_path):
     code = ("import json, sys; from rafale.cli import main\n"
-            "main(['config', 'show', '-c', 'llama-tinystories', 'train.global_batch_size=8', '--json'])\n"
+            "main(['config', 'show', '-c', 'llama-tinystories', 'train.global_batch_size=32', '--json'])\n"
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "RAFALE_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     shown, modules = map(json.loads, proc.stdout.splitlines())
     assert not {"composer", "lm_eval", "transformers", "matplotlib"} & set(modules)
-    assert shown["config"]["train"]["global_batch_size"] == 8 and shown["config"]["model"]["preset"] == "gpt-tiny"
-    assert shown["tokens_per_step"] == 8 * 256 and shown["hash"] == load_config(
-        "llama-tinystories", ["train.global_batch_size=8"]).hash()
+    assert shown["config"]["train"]["global_batch_size"] == 32 and shown["config"]["model"]["preset"] == "gpt-tiny"
+    assert shown["tokens_per_step"] == 32 * 256 and shown["hash"] == load_config(
+        "llama-tinystories", ["train.global_batch_size=32"]).hash()
     assert shown["parameters"]["head"] == 0  # tied embeddings
     assert not (tmp_path / "data").exists()  # showing builds no data cache for a causal LM
 

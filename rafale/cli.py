@@ -3,7 +3,7 @@
 Nothing heavy is imported at module level: `rafale --help`, `rafale runs` and config errors answer
 without paying for torch or Composer. Environment switches: DATA=1 (prepare only), DEBUG=1 (overfit
 one batch), FORCE=1 (train again although this config already completed), RAFALE_HOME (where
-everything is written).
+everything is written), RAFALE_TRACEBACK=1 (a failure's traceback instead of its one line).
 """
 
 import argparse
@@ -13,7 +13,8 @@ import sys
 
 from rafale.errors import UserError
 
-COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "plot", "config", "tokenizer")
+COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "plot", "config", "tokenizer",
+            "cache")
 
 
 def _env_flag(name: str) -> bool:
@@ -145,6 +146,18 @@ def _parser() -> argparse.ArgumentParser:
                          "wordpiece [PAD] [UNK] [CLS] [SEP] [MASK])")
     tt.add_argument("--text-field", default="text", help="the column holding the text in row formats (default text)")
     tt.add_argument("-o", "--output", required=True, help="the tokenizer.json to write (replaced if it exists)")
+    ca = sub.add_parser("cache", help="list or remove data cache entries",
+                        description="list or remove the tokenized data cache entries in $RAFALE_HOME/data")
+    ca_sub = ca.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    cl = ca_sub.add_parser("ls", help="entries: key, pipeline, sources, tokenizer, size on disk, last use",
+                           description="entries, most recently used first: key, pipeline, sources, tokenizer, "
+                                       "size on disk (as du counts it), last use")
+    cl.add_argument("--json", action="store_true", help="one JSON object per entry, sizes in bytes")
+    cr = ca_sub.add_parser("rm", help="remove entries by key prefix or age",
+                           description="remove entries by key (or name) prefix, or those last used longer ago "
+                                       "than --older-than; an entry being built or in use is refused (exit 2)")
+    cr.add_argument("keys", nargs="*", metavar="KEY", help="key or entry-name prefixes (see `rafale cache ls`)")
+    cr.add_argument("--older-than", metavar="AGE", help="entries last used more than AGE ago: 90m, 12h, 7d, 2w")
     return p
 
 
@@ -209,9 +222,6 @@ def _launch(args) -> int:
     the ranks, which checkpoint and exit 75, instead of killing the launcher and orphaning them."""
     import signal
 
-    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
-        raise UserError(f"--nproc and --nnodes must be >= 1 and --node-rank in 0..nnodes-1, got "
-                        f"{args.nproc}, {args.nnodes}, {args.node_rank}")
     argv = ["composer", "-n", str(args.nproc), "--world_size", str(args.nproc * args.nnodes),
             "--node_rank", str(args.node_rank), "--base_rank", str(args.node_rank * args.nproc),
             "--master_addr", args.master_addr]
@@ -391,6 +401,64 @@ def _cmd_tokenizer(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    from rafale.data import entries
+
+    if args.cache_command == "ls":
+        found = entries.list_entries()
+        if args.json:
+            for e in found:
+                print(json.dumps(e.as_dict()))
+            return 0
+        from rich.console import Console
+        from rich.table import Table
+
+        from rafale.paths import data_cache_dir
+
+        table = Table(box=None)
+        table.add_column("key", no_wrap=True, min_width=max((len(e.name) for e in found), default=3))
+        table.add_column("pipeline", no_wrap=True)
+        table.add_column("sources", overflow="fold")  # the column that gives way on a narrow terminal
+        for column in ("tokenizer", "size", "last use", "state"):
+            table.add_column(column, no_wrap=True)
+        for e in found:
+            names = [os.path.basename(s) for s in e.sources]
+            shown = ", ".join(names[:2]) + (f" +{len(names) - 2}" if len(names) > 2 else "")
+            tokenizer = os.path.basename(os.path.dirname(e.tokenizer)) if e.tokenizer.endswith("tokenizer.json") \
+                else e.tokenizer
+            table.add_row(e.name, e.pipeline, shown, tokenizer, _human_bytes(e.size), _ago(e.last_use), e.state)
+        # Piped output is not cut at 80 columns: keys and paths are what one copies from it.
+        Console(width=None if sys.stdout.isatty() else 200).print(
+            table if found else f"no data cache entries in {data_cache_dir()}")
+        return 0
+    refused = 0
+    for e in entries.select(args.keys, args.older_than):
+        why = entries.remove(e)
+        if why is None:
+            print(f"removed {e.name} ({_human_bytes(e.size)})")
+        else:
+            print(f"rafale: error: {why}", file=sys.stderr)
+            refused += 1
+    return 2 if refused else 0
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _ago(t: float) -> str:
+    import time
+
+    s = max(0, time.time() - t)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
 def _cmd_runs(args) -> int:
     from rafale.runs import format_runs, list_runs
 
@@ -422,10 +490,6 @@ def _check_command_line(argv: list[str]) -> None:
         if arg.partition("=")[0] in ENV_SWITCHES and "=" in arg:
             raise UserError(f"{arg} is an environment variable, not a config key: write it before the "
                             f"command, e.g. `{arg} rafale train -c CONFIG`")
-    if "--nproc" in argv[:-1] or any(a.startswith("--nproc=") for a in argv):
-        value = argv[argv.index("--nproc") + 1] if "--nproc" in argv else argv[-1].partition("=")[2]
-        if value.lstrip("-").isdigit() and int(value) < 1:
-            raise UserError(f"--nproc must be >= 1, got {value}")
 
 
 def _fail(message: str, code: int) -> int:
@@ -469,6 +533,9 @@ INTERRUPTED = "run the same command to resume"
 
 
 def _dispatch(args) -> int:
+    if args.command == "train" and (args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes):
+        raise UserError(f"--nproc and --nnodes must be >= 1 and --node-rank in 0..nnodes-1, got "
+                        f"{args.nproc}, {args.nnodes}, {args.node_rank}")
     if args.command in ("train", "prepare", "debug"):
         mode = args.command
         if mode == "train" and _env_flag("DATA"):
@@ -488,6 +555,8 @@ def _dispatch(args) -> int:
         return _cmd_export(args)
     if args.command == "tokenizer":
         return _cmd_tokenizer(args)
+    if args.command == "cache":
+        return _cmd_cache(args)
     if args.command == "plot":
         return _cmd_plot(args)
     if args.command == "config":

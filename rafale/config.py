@@ -52,6 +52,8 @@ class ModelSection:
     d_model: Optional[int] = results(None)
     d_ff: Optional[int] = results(None)
     max_seq_len: Optional[int] = results(None)
+    # The decoder's attention kernel (rafale/models/attention.py): the same numbers up to rounding.
+    attention: Literal["sdpa", "flex", "flash"] = results("sdpa", added=True)
 
 
 @dataclass

@@ -7,6 +7,8 @@ traceback with RAFALE_TRACEBACK=1. Internal invariants use `assert`.
 """
 
 import errno
+import os
+import re
 
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
@@ -24,16 +26,24 @@ def _chain(e: BaseException):
         e = e.__cause__ or e.__context__
 
 
+def _errno(e: BaseException) -> int | None:
+    if isinstance(e, OSError):
+        return e.errno
+    # Rust libraries (safetensors, tokenizers) raise their own types with "... (os error 27)" in the text.
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return int(m.group(1)) if m else None
+
+
 def environment_problem(e: BaseException) -> str | None:
     """The one-line message for an exception caused by the machine (a full disk, a file or directory
     that cannot be written), looking through the exceptions it was raised from; None for others."""
     for cause in _chain(e):
+        code = _errno(cause)
         where = f" {cause.filename}" if isinstance(cause, OSError) and cause.filename else ""
-        if isinstance(cause, OSError) and cause.errno in FULL or \
-                isinstance(cause, RuntimeError) and any(m in str(cause) for m in TORCH_WRITE_FAILED):
-            return (f"no space left writing{where or ' to disk'} ({getattr(cause, 'strerror', None) or 'write failed'}); "
-                    f"free some space or set RAFALE_HOME to a larger disk, then run the same command again")
-        if isinstance(cause, OSError) and cause.errno in UNWRITABLE:
-            return (f"cannot write{where} ({cause.strerror}); make it writable or set RAFALE_HOME to a "
-                    f"writable directory")
+        why = os.strerror(code) if code else "write failed"
+        if code in FULL or isinstance(cause, RuntimeError) and any(m in str(cause) for m in TORCH_WRITE_FAILED):
+            return (f"no space left writing{where or ' to disk'} ({why}); free some space or set RAFALE_HOME "
+                    f"to a larger disk, then run the same command again")
+        if code in UNWRITABLE:
+            return f"cannot write{where} ({why}); make it writable or set RAFALE_HOME to a writable directory"
     return None

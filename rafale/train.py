@@ -21,10 +21,10 @@ from composer.utils.misc import create_interval_scheduler
 
 from rafale import patches, runs
 from rafale.build import (build_data, build_model, build_optimizer, build_scheduler, build_user_callbacks,
-                          check_components, pipeline_of)
-from rafale.config import Config, OptimSection, ScheduleSection, save_config
+                          check_attention, check_components, pipeline_of)
+from rafale.config import Config, ModelSection, OptimSection, ScheduleSection, save_config
 from rafale.data.cache import PreparedData
-from rafale.data.loaders import pipeline_loader
+from rafale.data.loaders import LossTokenSpec, pipeline_loader
 from rafale.errors import UserError
 from rafale.monitoring import Diverged, build_callbacks, build_loggers, build_profiler, check_logger_packages
 from rafale.preemption import Preemption
@@ -172,7 +172,8 @@ def build_trainer(cfg: Config, model, data: PreparedData, run_dir: Path | None,
                              save_num_checkpoints_to_keep=t.keep_checkpoints, **checkpoint_to_load(cfg))
     return Trainer(
         model=model,
-        train_dataloader=train_loader,
+        train_dataloader=LossTokenSpec(train_loader, pipeline),
+        accumulate_train_batch_on_tokens=True,  # the step's loss: a mean over its loss-bearing targets
         eval_dataloader=eval_loader,
         eval_interval=eval_interval if eval_loader is not None else 1,
         max_duration=t.max_duration,
@@ -215,6 +216,8 @@ def check_before_start(cfg: Config) -> None:
     checkpoint_to_load(cfg)
     check_logger_packages(cfg)
     check_components(cfg)
+    if isinstance(cfg.model, ModelSection):
+        check_attention(cfg.model.attention, resolve_precision(cfg.train.precision))
 
 
 def train(cfg: Config, force: bool = False) -> Path:
@@ -246,7 +249,8 @@ def train(cfg: Config, force: bool = False) -> Path:
         trainer = build_trainer(cfg, model, data, run_dir, extra_callbacks=[preemption])
         preemption.install()
         try:
-            trainer.fit()
+            if not _already_done(trainer.state):
+                trainer.fit()
         finally:
             preemption.uninstall()
             trainer.close()
@@ -267,6 +271,13 @@ def train(cfg: Config, force: bool = False) -> Path:
     if rank0:
         runs.mark_ended(run_dir, "completed", steps=steps)
     return run_dir
+
+
+def _already_done(state: State) -> bool:
+    """Autoresume loaded the final checkpoint: the run ended before its status could say so (a kill
+    after the last save, a damaged status.json). Composer's fit would refuse with a ValueError."""
+    done = state.max_duration
+    return done is not None and done <= state.timestamp.get(done.unit)
 
 
 def _mark_stopped(run_dir: Path, e: BaseException) -> None:

@@ -9,7 +9,8 @@ dtype, the held-out split, and the atomic build, through `prepare_entry`:
                     checksum of every array file, taken while writing it
 
 The key is a sha256 over exactly what decides the arrays: the cache format version, the pipeline
-and its options, the tokenizer.json bytes and the bytes of every source file in order. Paths are
+and its options, the tokenizer.json bytes and the bytes of every source file in order (their hashes
+remembered by path, size and mtime in manifest.py, so a launch reads no corpus). Paths are
 not in it (a moved corpus is still a hit) and neither is anything from the training side (batch
 size, seed, MLM masking), so changing those never re-tokenizes.
 
@@ -35,7 +36,7 @@ from typing import Callable
 import numpy as np
 import xxhash
 
-from rafale.data import tokenize
+from rafale.data import manifest, tokenize
 from rafale.errors import UserError
 from rafale.paths import data_cache_dir, resolve_tokenizer
 
@@ -52,21 +53,6 @@ class PreparedData:
     val: np.ndarray | None  # None when there is no validation split
     meta: dict
     hit: bool  # True when the entry was already on disk
-
-
-def sha256_file(path: Path) -> tuple[str, int]:
-    """(hex digest, size in bytes), read in 1 MiB chunks so large corpora are not held in memory."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
-def _describe(path: Path) -> dict:
-    digest, size = sha256_file(path)
-    return {"path": str(path), "bytes": size, "sha256": digest}
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -102,7 +88,7 @@ def resolve_inputs(train, val, tokenizer: str, key_prefix: str) -> Inputs:
     paths = {"train": tokenize.list_sources(train, f"{key_prefix}.train"),
              "val": tokenize.list_sources(val, f"{key_prefix}.val") if val is not None else []}
     tok_path = resolve_tokenizer(tokenizer, f"{key_prefix}.tokenizer")
-    sources = {split: [_describe(p) for p in ps] for split, ps in paths.items()}
+    sources = {split: manifest.describe(ps) for split, ps in paths.items()}  # O(files) when unchanged
     return Inputs(paths, tok_path, tok_path.read_bytes(), sources, key_prefix)
 
 
@@ -138,9 +124,10 @@ def load_or_build(pipeline: str, key_fields: dict,
     key_fields = {"format": FORMAT_VERSION, "pipeline": pipeline, **key_fields}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
     final = data_cache_dir() / f"{pipeline}-{key[:16]}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    hold_in_use(final)
     if entry := open_entry(final, key, quiet=True):
         return final, *entry, True
-    final.parent.mkdir(parents=True, exist_ok=True)
     with _locked(final.parent / f".{final.name}.lock"):
         if entry := open_entry(final, key):  # another process built it while we waited
             return final, *entry, True
@@ -149,7 +136,7 @@ def load_or_build(pipeline: str, key_fields: dict,
         for stale in [final, *final.parent.glob(f".{final.name}.tmp-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         t0 = time.perf_counter()
-        arrays, meta = build()
+        arrays, meta = build()  # `rafale cache rm` sees the held build lock: "being built"
         meta.setdefault("stats", {})["seconds"] = round(time.perf_counter() - t0, 3)
         meta = {"format": FORMAT_VERSION, "key": key, "pipeline": pipeline, **meta,
                 "arrays": {name: list(a.shape) for name, a in arrays.items()}}
@@ -157,6 +144,32 @@ def load_or_build(pipeline: str, key_fields: dict,
     entry = open_entry(final, key)
     assert entry is not None, f"the cache entry just built at {final} does not open"
     return final, *entry, False
+
+
+def build_lock(entry: Path) -> Path:
+    return entry.parent / f".{entry.name}.lock"
+
+
+def use_lock(entry: Path) -> Path:
+    return entry.parent / f".{entry.name}.use.lock"
+
+
+_HELD: dict[Path, object] = {}  # entry -> its open use-lock file, held until this process exits
+
+
+def hold_in_use(entry: Path) -> None:
+    """Marks `entry` as in use by this process for as long as it lives (a shared flock, which the kernel
+    drops when the process dies, even by kill -9), so `rafale cache rm` refuses it; and records now as its
+    last use (the directory's mtime). Taken before the entry is opened: a removal under way finishes
+    first, and the entry is then rebuilt."""
+    if entry not in _HELD:
+        f = open(use_lock(entry), "a")
+        fcntl.flock(f, fcntl.LOCK_SH)
+        _HELD[entry] = f
+    try:
+        os.utime(entry)
+    except OSError:  # not built yet (the build's rename dates it), or a read-only cache: no record
+        pass
 
 
 def open_entry(path: Path, key: str, quiet: bool = False) -> tuple[dict[str, np.ndarray], dict] | None:

@@ -13,8 +13,10 @@ This module imports lm_eval at the top; rafale imports it only when a benchmark 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -199,9 +201,11 @@ def run_tasks(model: Decoder, tokenizer: Tokenizer, tasks: list[str], limit: int
     hint_filter = _DropMetadataHint()
     task_logger = logging.getLogger("lm_eval.api.task")
     task_logger.addFilter(hint_filter)
+    # lm-eval prints progress ("bootstrapping for stddev: ...") to stdout, where --json's output goes.
     try:
-        out = simple_evaluate(model=lm, tasks=specs, limit=limit, task_manager=manager, log_samples=False,
-                              bootstrap_iters=BOOTSTRAP_ITERS)
+        with contextlib.redirect_stdout(sys.stderr):
+            out = simple_evaluate(model=lm, tasks=specs, limit=limit, task_manager=manager, log_samples=False,
+                                  bootstrap_iters=BOOTSTRAP_ITERS)
     finally:
         task_logger.removeFilter(hint_filter)
     samples = out.get("n-samples", {})
@@ -211,3 +215,33 @@ def run_tasks(model: Decoder, tokenizer: Tokenizer, tasks: list[str], limit: int
                    if k not in ("alias", "sample_len") and isinstance(v, (int, float))}
         results[task] = {"samples": samples.get(task, {}).get("effective"), "metrics": metrics}
     return results
+
+
+def run_benchmarks(run_dir: str, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
+    """`rafale eval --run RUN --tasks ...`: the run's latest checkpoint through `run_tasks`.
+    {"run", "checkpoint", "step", "tasks": {task: {"samples", "metrics"}}}."""
+    from rafale.inference import load_run, run_eos_ids
+    from rafale.runs import Run, checkpoint_step
+
+    model, tokenizer, cfg = load_run(run_dir)
+    if not isinstance(model, Decoder):
+        raise UserError(f"--run {run_dir}: benchmarks need one of rafale's decoders (a model preset or "
+                        f"model.init_from), not a model.class network")
+    if torch.cuda.is_available():
+        model.cuda()
+    ckpt = Run(run_dir).require_checkpoint()
+    results = run_tasks(model, tokenizer, tasks, limit, batch_size, eos_token_id=run_eos_ids(cfg, tokenizer)[0])
+    return {"run": str(Path(run_dir).expanduser()), "checkpoint": str(ckpt), "step": checkpoint_step(ckpt),
+            "tasks": results}
+
+
+def format_benchmarks(result: dict) -> str:
+    lines = [f"checkpoint {result['checkpoint']} (step {result['step']})"]
+    for task, r in result["tasks"].items():
+        lines.append(f"{task} ({r['samples']} examples)")
+        shown = {k: v for k, v in r["metrics"].items() if not k.split(",")[0].endswith("_stderr")}
+        width = max((len(k) for k in shown), default=0)
+        for name, value in shown.items():
+            err = r["metrics"].get(name.replace(",", "_stderr,", 1) if "," in name else f"{name}_stderr")
+            lines.append(f"  {name:<{width}}  {value:.4f}" + (f"  ± {err:.4f}" if isinstance(err, float) else ""))
+    return "\n".join(lines)

@@ -13,7 +13,8 @@ import sys
 
 from rafale.errors import UserError
 
-COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "tokenizer", "cache")
+COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "plot", "config", "tokenizer",
+            "cache")
 
 
 def _env_flag(name: str) -> bool:
@@ -85,15 +86,49 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--to-hf", required=True, metavar="OUT_DIR", help="a new or empty directory")
     e.add_argument("--max-shard-size", default="5GB",
                    help="split the weights into files of at most this size (default 5GB)")
-    ev = sub.add_parser("eval", help="metrics of a run's latest checkpoint on its validation split",
+    ev = sub.add_parser("eval", help="metrics of a run's latest checkpoint on its validation split, or benchmarks",
                         description="metrics of a run's latest checkpoint on its validation split (the "
-                                    "metrics/eval/* of metrics.jsonl), and for classifiers a confusion matrix")
+                                    "metrics/eval/* of metrics.jsonl), and for classifiers a confusion matrix; "
+                                    "with --tasks, lm-evaluation-harness tasks instead (pip install 'rafale[eval]')")
     ev.add_argument("--run", required=True, help="a run directory (see `rafale runs`)")
+    ev.add_argument("--tasks", nargs="+", metavar="TASK",
+                    help="lm-eval tasks: bundled names (sst2, tinystories_cloze, wikitext2_subset) or task YAML "
+                         "paths, space- or comma-separated")
+    ev.add_argument("--limit", type=int, metavar="N", help="--tasks: only the first N examples of each task")
+    ev.add_argument("--batch-size", type=int, default=8, metavar="N",
+                    help="--tasks: requests per forward pass (default 8)")
     ev.add_argument("--json", action="store_true",
                     help='print {"checkpoint", "step", "samples", "metrics": {...}, "confusion_matrix": '
-                         '{"labels", "matrix"}} (the last for classifiers)')
-    sub.add_parser("runs", help="list runs: name, status, steps, last loss, path",
-                   description="list runs: name, status, steps, last loss, path")
+                         '{"labels", "matrix"}} (the last for classifiers); with --tasks {"checkpoint", "step", '
+                         '"tasks": {TASK: {"samples", "metrics"}}}')
+    rs = sub.add_parser("runs", help="list runs: name, status, steps, last loss, path",
+                        description="list runs: name, status, steps, last loss, path (never cut: it comes last)")
+    rs.add_argument("name", nargs="?", metavar="NAME", help="only runs whose directory name starts with NAME")
+    rs.add_argument("--json", action="store_true",
+                    help='print a JSON list of {"name", "status", "steps", "loss", "path"}, oldest first')
+    cs = sub.add_parser("config", help="show a config as it will run, and what it costs",
+                        description="show a config as it will run, and what it costs")
+    cs_sub = cs.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = cs_sub.add_parser("show", help="the resolved config, parameter counts, FLOPs per token, tokens per "
+                                          "step and estimated peak training memory",
+                             description="the resolved config (overrides applied, defaults filled in), exact "
+                                         "parameter counts of its network, training FLOPs per token, tokens per "
+                                         "step and an estimate of peak training memory on CPU")
+    show.add_argument("-c", "--config", required=True,
+                      help="a YAML file or the name of a bundled config (e.g. pythia-tinyshakespeare)")
+    show.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    show.add_argument("--json", action="store_true",
+                      help='print {"hash", "config", "parameters": {"total", "embedding", "head", "trainable"}, '
+                           '"flops_per_token", "tokens_per_step", "memory": {"peak_training_mb", ...}}')
+    pl = sub.add_parser("plot", help="training and validation curves of runs as a PNG",
+                        description="training loss (as logged and smoothed) and validation curves of one or "
+                                    "several runs on one figure, written as a PNG (pip install 'rafale[plot]')")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (see `rafale runs`)")
+    pl.add_argument("-o", "--output", default="plot.png", help="the PNG to write (default plot.png)")
+    pl.add_argument("--metric", action="append", metavar="NAME",
+                    help="a panel for this metrics.jsonl key (or its last part, e.g. LanguagePerplexity) instead "
+                         "of the default loss and validation panels; repeatable")
+    pl.add_argument("--x", default="steps", metavar="steps|tokens", help="the x axis (default steps)")
     tk = sub.add_parser("tokenizer", help="train a tokenizer.json on your corpus",
                         description="train a tokenizer.json on your corpus")
     tk_sub = tk.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
@@ -306,11 +341,48 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    if args.tasks is None:
+        if args.limit is not None:
+            raise UserError("--limit applies to --tasks; name the tasks to run, e.g. --tasks sst2")
+    else:
+        return _cmd_eval_tasks(args)
     _quiet_libraries()
     from rafale.evaluate import evaluate_run, format_report
 
     result = evaluate_run(args.run)
     print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
+def _cmd_eval_tasks(args) -> int:
+    tasks = [t for spec in args.tasks for t in spec.split(",") if t]
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    _quiet_libraries()
+    from rafale.benchmarks import format_benchmarks, run_benchmarks  # imports lm_eval
+
+    result = run_benchmarks(args.run, tasks, args.limit, args.batch_size)
+    print(json.dumps(result) if args.json else format_benchmarks(result))
+    return 0
+
+
+def _cmd_config_show(args) -> int:
+    from rafale.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from rafale.config_show import describe, format_description
+
+    d = describe(cfg)
+    print(json.dumps(d) if args.json else format_description(d))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from rafale.plot import plot_runs, save_png
+
+    fig = plot_runs(args.runs, args.metric, args.x)
+    print(f"wrote {save_png(fig, args.output)} ({len(args.runs)} run(s), {len(fig.axes)} panel(s))")
     return 0
 
 
@@ -389,18 +461,18 @@ def _ago(t: float) -> str:
     return f"{s:.0f}s ago"
 
 
-def _cmd_runs() -> int:
-    from rich.console import Console
-    from rich.table import Table
+def _cmd_runs(args) -> int:
+    from rafale.runs import format_runs, list_runs
 
-    from rafale.runs import list_runs
-
-    rows = list_runs()
-    table = Table("name", "status", "steps", "last loss", "path", box=None)
-    for r in rows:
-        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
-        table.add_row(r["name"], r["status"], str(r["steps"] if r["steps"] is not None else "-"), loss, r["path"])
-    Console().print(table if rows else "no runs yet (train one with `rafale train -c CONFIG`)")
+    rows = list_runs(args.name)
+    if args.json:
+        print(json.dumps(rows))
+    elif rows:
+        print(format_runs(rows))
+    elif args.name is not None:
+        print(f"no run named {args.name}* (`rafale runs` lists them all)")
+    else:
+        print("no runs yet (train one with `rafale train -c CONFIG`)")
     return 0
 
 
@@ -487,7 +559,11 @@ def _dispatch(args) -> int:
         return _cmd_tokenizer(args)
     if args.command == "cache":
         return _cmd_cache(args)
-    return _cmd_runs()
+    if args.command == "plot":
+        return _cmd_plot(args)
+    if args.command == "config":
+        return _cmd_config_show(args)
+    return _cmd_runs(args)
 
 
 def entry() -> None:

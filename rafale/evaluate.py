@@ -7,14 +7,13 @@ metrics/eval/*), plus what the pipeline reports besides (a classifier's confusio
     classification  MulticlassAccuracy, MulticlassF1Score (macro), confusion matrix
 """
 
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 from rafale.errors import UserError
-from rafale.runs import Run, read_status
+from rafale.runs import Run, checkpoint_step, read_status
 
 
 @torch.no_grad()
@@ -51,8 +50,8 @@ def evaluate_run(run_dir: str | Path) -> dict:
             pipeline.update_metric(batch, outputs, metric)
         for extra in extras:
             extra.update(batch, outputs)
-    step = int(re.search(r"-ba(\d+)", ckpt.name).group(1))  # Composer's names: ep{E}-ba{B}-rank0.pt
-    result = {"run": str(run.path), "checkpoint": str(ckpt), "step": step, "samples": len(data.val),
+    result = {"run": str(run.path), "checkpoint": str(ckpt), "step": checkpoint_step(ckpt),
+              "samples": len(data.val),
               "metrics": {f"metrics/eval/{name}": float(m.compute()) for name, m in metrics.items()}}
     result.update(extra.result() for extra in extras)
     return result

@@ -79,6 +79,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return link.resolve() if link.exists() else None
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The batch count in a checkpoint's name (Composer's ep{E}-ba{B}[-rank0.pt])."""
+    return int(_CKPT_RE.match(ckpt.name).group(2))
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why a checkpoint cannot be read back (truncated, not a checkpoint), or None. torch.save writes a
     zip archive with its directory at the end, so a cut-short file fails to open as one; this reads
@@ -240,17 +245,29 @@ def damaged_checkpoint(ckpt: Path, problem: str) -> str:
             f"from the last good checkpoint")
 
 
-def list_runs() -> list[dict]:
+def list_runs(name: str | None = None) -> list[dict]:
+    """The runs under $RAFALE_HOME/runs, oldest first, as {"name", "status", "steps", "loss", "path"};
+    `name`: only those whose directory name starts with it (a run.name, or a name and hash prefix)."""
     rows = []
     root = runs_dir()
     for run_dir in sorted(root.iterdir() if root.is_dir() else [], key=lambda p: p.stat().st_mtime):
-        if not (run_dir / CONFIG_FILE).is_file():
+        if not (run_dir / CONFIG_FILE).is_file() or (name is not None and not run_dir.name.startswith(name)):
             continue
         run = Run(run_dir)
         metrics = run.last_metrics()
         rows.append({"name": run.name, "status": run.status, "steps": metrics.get("step"),
                      "loss": metrics.get("loss/train/total"), "path": str(run.path)})
     return rows
+
+
+def format_runs(rows: list[dict]) -> str:
+    """`rafale runs`: aligned columns with the path last and whole, whatever the terminal's width (a
+    path cut to fit is one the user cannot paste)."""
+    cells = [("name", "status", "steps", "last loss", "path")]
+    cells += [(r["name"], r["status"], "-" if r["steps"] is None else str(r["steps"]),
+               "-" if r["loss"] is None else f"{r['loss']:.4f}", r["path"]) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4] for row in cells)
 
 
 def mark_started(run_dir: Path, config_hash: str) -> None:

@@ -2,7 +2,8 @@
 backend (HFLM) on the same random GPT-NeoX and Llama weights, exported with save_pretrained and loaded
 into rafale with load_hf: per-request log-likelihoods and is_greedy, rolling log-likelihoods and
 greedy generations; the bundled tasks end to end offline (same metrics as HFLM through lm-eval); a
-user's task YAML; the user errors; and that nothing imports lm_eval before a benchmark is asked for."""
+user's task YAML; the user errors; that nothing imports lm_eval before a benchmark is asked for; and
+`rafale eval --tasks` on a trained run against HFLM on the same run exported with `rafale export`."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
@@ -23,7 +25,7 @@ from rafale.benchmarks import BOOTSTRAP_ITERS, TASKS_DIR, RafaleLM, run_tasks
 from rafale.errors import UserError
 from rafale.inference import load_hf
 from rafale.paths import TOKENIZERS_DIR
-from test.conftest import REPO
+from test.conftest import REPO, run_cli
 
 TOL = 1e-4
 MAX_LEN = 64  # positions of the tiny models: the long requests below need truncation or several windows
@@ -218,3 +220,75 @@ def test_lm_eval_is_not_imported_by_rafale_or_its_cli():
             "assert not [m for m in sys.modules if m.split('.')[0] == 'lm_eval']")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A pythia-micro run trained for a few steps with `python -m rafale train`."""
+    root = tmp_path_factory.mktemp("eval-run")
+    (root / "text.txt").write_text((REPO / "rafale/assets/tinyshakespeare/input.txt").read_text()[:20_000])
+    cfg = {"run": {"name": "ev", "seed": 1}, "model": {"preset": "pythia-micro"},
+           "data": {"train": str(root / "text.txt"), "max_seq_len": 64, "val_fraction": 0.0},
+           "optim": {"lr": 1e-2}, "schedule": {"name": "constant", "warmup": "0ba"},
+           "train": {"max_duration": "3ba", "global_batch_size": 4, "device_microbatch_size": 4,
+                     "save_interval": "3ba", "eval_interval": "3ba"}}
+    (root / "ev.yaml").write_text(yaml.safe_dump(cfg))
+    home = root / "home"
+    proc = run_cli("train", "-c", str(root / "ev.yaml"), home=home, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (home / "runs").iterdir()
+    return run_dir, home
+
+
+def test_cli_eval_tasks_equal_hflm_on_the_exported_run(trained_run, tmp_path):
+    """`rafale eval --run RUN --tasks` (a bundled name and a task YAML path, comma- and space-separated)
+    against lm-eval's HF backend on `rafale export`'s directory of the same run."""
+    run_dir, home = trained_run
+    # A user's task file: the bundled sst2 under another name, with its loader and data beside it.
+    task = tmp_path / "tasks" / "sst2_copy.yaml"
+    task.parent.mkdir()
+    for name in ("jsonl.py", "sst2_validation.jsonl"):
+        shutil.copy(TASKS_DIR / name, task.parent)
+    task.write_text((TASKS_DIR / "sst2.yaml").read_text().replace("task: sst2", "task: my_sst2"))
+    proc = run_cli("eval", "--run", str(run_dir), "--tasks", "tinystories_cloze,wikitext2_subset", str(task),
+                   "--limit", "3", "--json", home=home, cwd=tmp_path, env={"HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads(proc.stdout)
+    assert ours["step"] == 3 and ours["checkpoint"].endswith("ep0-ba3-rank0.pt")
+    assert sorted(ours["tasks"]) == ["my_sst2", "tinystories_cloze", "wikitext2_subset"]
+    assert {t: r["samples"] for t, r in ours["tasks"].items()} == {"my_sst2": 3, "tinystories_cloze": 3,
+                                                                    "wikitext2_subset": 3}
+    assert run_cli("export", "--run", str(run_dir), "--to-hf", str(tmp_path / "hf"), home=home).returncode == 0
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    ref = simple_evaluate(model=HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=4),
+                          tasks=["sst2", "tinystories_cloze", "wikitext2_subset"], limit=3, task_manager=manager,
+                          log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)["results"]
+    ref["my_sst2"] = ref.pop("sst2")
+    compared = 0
+    for name, result in ours["tasks"].items():
+        for metric, value in result["metrics"].items():
+            assert value == pytest.approx(ref[name][f"{metric},none"], rel=TOL), (name, metric)
+            compared += 1
+    assert compared == 9  # acc + stderr, perplexity + acc (+ stderrs), three perplexity measures
+
+    text = run_cli("eval", "--run", str(run_dir), "--tasks", "sst2", "--limit", "2", home=home)
+    assert text.returncode == 0, text.stderr[-3000:]
+    assert f"(step 3)" in text.stdout and "sst2 (2 examples)" in text.stdout
+    assert re.search(r"^  acc  \d\.\d{4}  ± \d\.\d{4}$", text.stdout, re.M), text.stdout
+
+
+def test_cli_eval_task_errors_are_one_line(trained_run, tmp_path, capsys):
+    from rafale.cli import main
+
+    run_dir, home = trained_run
+    (tmp_path / "broken.yaml").write_text("task: [unclosed\n")
+    cases = {
+        ("--tasks", "hellaswag"): "unknown task 'hellaswag'",
+        ("--tasks", str(tmp_path / "broken.yaml")): "not a readable task YAML",
+        ("--tasks", "sst2", "--limit", "0"): "--limit must be >= 1, got 0",
+        ("--limit", "5"): "--limit applies to --tasks",
+    }
+    for args, message in cases.items():
+        assert main(["eval", "--run", str(run_dir), *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and err.startswith("rafale: error: "), err

@@ -1,0 +1,107 @@
+"""`rafale config show`: a config as it will run (overrides applied, defaults filled in) and what it
+costs: exact parameter counts of the network it builds, training FLOPs per token, tokens per step
+and an estimate of the peak memory of training it on CPU.
+
+The network is built on torch's meta device (shapes, no memory, no weights read), so the counts are
+those of the model training builds; Composer is not imported. The memory estimate adds up:
+
+    runtime      the process once torch, Composer and the data libraries are imported (RUNTIME_MB,
+                 measured: ru_maxrss after `import rafale.train` on CPU, torch 2.7 and Composer 0.32)
+    state        fp32 weights + gradients + optimizer state (AdamW 2, Lion and SGD 1 per parameter)
+    activations  what backward keeps per micro-batch token and layer (ACTIVATION_FLOATS)
+    head         decoders: the fused head + loss's chunk of logits (models/losses.py); masked LM: the
+                 logits, log-softmax and gradient at the masked positions
+
+bench/train_memory.py compares it with the measured peak RSS of every bundled config.
+"""
+
+import torch
+
+from rafale.config import Config
+
+MB = 2 ** 20
+RUNTIME_MB = 810
+# Floats saved for backward per token and layer, in units of d_model and d_ff: the block input, the
+# two norms' inputs and outputs, q, k, v, the attention output and its projection, the residual sum
+# (about 10 d), and the MLP's hidden activations before and after the nonlinearity (2 d_ff).
+ACTIVATION_FLOATS = (10, 2)
+OPTIMIZER_STATES = {"adamw": 2, "decoupled_adamw": 2, "lion": 1, "sgd": 1}
+HEAD_CHUNK_ROWS = 512  # rafale.models.losses: rows of logits the fused head computes at a time
+
+
+def parameter_counts(network: torch.nn.Module, vocab_size: int | None) -> dict:
+    """total (each shared tensor once), embedding (token, position and type tables), head (an output
+    projection onto the vocabulary that is not the embedding itself) and trainable (requires_grad)."""
+    params = {id(p): p for p in network.parameters()}.values()
+    embeddings = {id(m.weight): m.weight for m in network.modules() if isinstance(m, torch.nn.Embedding)}
+    head = {id(m.weight): m.weight for m in network.modules()
+            if isinstance(m, torch.nn.Linear) and vocab_size and m.out_features == vocab_size
+            and id(m.weight) not in embeddings}
+    return {"total": sum(p.numel() for p in params),
+            "embedding": sum(p.numel() for p in embeddings.values()),
+            "head": sum(p.numel() for p in head.values()),
+            "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def describe(cfg: Config) -> dict:
+    """{"hash", "config", "parameters", "flops_per_token", "tokens_per_step", "memory"}."""
+    from rafale.build import build_network, pipeline_of
+
+    pipeline = pipeline_of(cfg)
+    meta = pipeline.model_meta()
+    with torch.device("meta"):
+        network = build_network(cfg, meta)
+    seq = cfg.data.max_seq_len
+    vocab = getattr(getattr(network, "cfg", None), "vocab_size", meta.get("vocab_size"))  # padded, as built
+    counts = parameter_counts(network, vocab)
+    flops = pipeline.flops(network, _full_sequence(cfg)) / seq
+    return {"hash": cfg.hash(), "config": cfg.to_dict(), "parameters": counts, "flops_per_token": flops,
+            "tokens_per_step": cfg.train.global_batch_size * seq,
+            "memory": memory_estimate(cfg, network, counts, vocab)}
+
+
+def _full_sequence(cfg: Config) -> dict:
+    """A batch of one max_seq_len sequence for the pipeline's `flops`: its shapes are all that counts,
+    and for masked LM the share of positions with a target (data.mlm_probability)."""
+    from rafale.data.pipeline import IGNORE_INDEX
+
+    seq = cfg.data.max_seq_len
+    labels = torch.full((1, seq), IGNORE_INDEX)
+    labels[0, :round(getattr(cfg.data, "mlm_probability", 1.0) * seq)] = 0
+    return {"input_ids": torch.zeros(1, seq, dtype=torch.long), "labels": labels}
+
+
+def memory_estimate(cfg: Config, network: torch.nn.Module, counts: dict, vocab_size: int | None) -> dict:
+    """Peak RSS of training on CPU in fp32, in MB, and its parts."""
+    ncfg = getattr(network, "cfg", None)
+    optim = getattr(cfg.optim, "name", "adamw")
+    state = counts["total"] * 4 + counts["trainable"] * 4 * (1 + OPTIMIZER_STATES.get(optim, 2))
+    activations = head = 0
+    if ncfg is not None:
+        tokens = min(cfg.train.device_microbatch_size, cfg.train.global_batch_size) * cfg.data.max_seq_len
+        d, d_ff = ncfg.d_model, ncfg.d_ff
+        activations = tokens * ncfg.n_layers * (ACTIVATION_FLOATS[0] * d + ACTIVATION_FLOATS[1] * d_ff) * 4
+        if hasattr(network, "embed_out") and vocab_size:  # a decoder: the fused head's chunk of logits
+            head = min(HEAD_CHUNK_ROWS, tokens) * vocab_size * 4
+        elif hasattr(cfg.data, "mlm_probability") and vocab_size:
+            # masked LM: logits, their log-softmax and its gradient at the masked positions
+            head = 3 * round(cfg.data.mlm_probability * tokens) * vocab_size * 4
+    parts = {"runtime_mb": RUNTIME_MB, "state_mb": state / MB, "activations_mb": activations / MB,
+             "head_mb": head / MB}
+    return {"peak_training_mb": sum(parts.values()), **parts}
+
+
+def format_description(d: dict) -> str:
+    import yaml
+
+    p, m = d["parameters"], d["memory"]
+    lines = [yaml.safe_dump(d["config"], sort_keys=False).rstrip(), "",
+             f"run hash          {d['hash']}",
+             f"parameters        {p['total']:,} total, {p['embedding']:,} embedding, {p['head']:,} head, "
+             f"{p['trainable']:,} trainable",
+             f"FLOPs per token   {d['flops_per_token']:,.0f} (training: forward + backward)",
+             f"tokens per step   {d['tokens_per_step']:,} (global_batch_size x max_seq_len)",
+             f"peak memory       ~{m['peak_training_mb']:,.0f} MB training on CPU, fp32 (runtime "
+             f"{m['runtime_mb']:,.0f} + weights, gradients, optimizer {m['state_mb']:,.0f} + activations "
+             f"{m['activations_mb']:,.0f} + head {m['head_mb']:,.0f})"]
+    return "\n".join(lines)

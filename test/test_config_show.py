@@ -1,0 +1,95 @@
+"""`rafale config show`: parameter counts of every preset's network (causal LM; masked LM and a 3-label
+classifier for encoders) against transformers' own model of the same config.json (both built on the
+meta device, so the billion-parameter presets cost nothing); FLOPs and tokens per step of the bundled
+default by hand; the CLI's output, without importing Composer; one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from rafale.build import network_for
+from rafale.config import load_config
+from rafale.config_show import describe, parameter_counts
+from rafale.models import FAMILIES, preset_names
+from test.conftest import REPO
+
+CASES = [(name, task) for f in FAMILIES for name in f.presets for task in f.tasks]
+HF_CLASS = {"causal_lm": transformers.AutoModelForCausalLM, "mlm": transformers.AutoModelForMaskedLM,
+            "classification": transformers.AutoModelForSequenceClassification}
+LABELS = ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("preset,task", CASES, ids=[f"{p}-{t}" for p, t in CASES])
+def test_counts_equal_transformers_model(preset, task):
+    family = next(f for f in FAMILIES if preset in f.presets)
+    with torch.device("meta"):
+        ours = network_for(task, preset, labels=LABELS if task == "classification" else None)
+    hf_json = family.hf_config(ours.cfg, task, torch.float32, labels=LABELS if task == "classification" else None)
+    hf_cfg = transformers.AutoConfig.for_model(**hf_json)
+    with torch.device("meta"):
+        hf = HF_CLASS[task].from_config(hf_cfg)
+    counts = parameter_counts(ours, ours.cfg.vocab_size)
+    assert counts["total"] == hf.num_parameters() == counts["trainable"]
+    hf_embedding = sum(m.weight.numel() for m in hf.modules() if isinstance(m, torch.nn.Embedding))
+    assert counts["embedding"] == hf_embedding
+    hf_head = hf.get_output_embeddings() if task != "classification" else None
+    untied = hf_head is not None and hf_head.weight is not hf.get_input_embeddings().weight
+    assert counts["head"] == (hf_head.weight.numel() if untied else 0)
+
+
+def test_all_presets_are_covered():
+    assert {p for p, _ in CASES} == set(preset_names()) and len(CASES) > 20
+
+
+def test_bundled_default_figures():
+    cfg = load_config("pythia-tinyshakespeare", ["train.global_batch_size=32"])
+    d = describe(cfg)
+    network = network_for("causal_lm", "pythia-tiny")  # on CPU: the real thing
+    total = sum(p.numel() for p in network.parameters())
+    assert d["parameters"] == {"total": total, "embedding": network.embed_in.weight.numel(),
+                               "head": network.embed_out.weight.numel(), "trainable": total}
+    assert total == 13_671_168 and network.embed_in.weight.shape == (50304, 128)
+    seq, layers, width = 256, 4, 128
+    non_embedding = total - 50304 * 128  # the input lookup is no matmul; the head is
+    assert d["flops_per_token"] == 6 * non_embedding + 3 * layers * 2 * 2 * width * seq
+    assert d["tokens_per_step"] == 32 * 256
+    m = d["memory"]
+    assert m["peak_training_mb"] == pytest.approx(m["runtime_mb"] + m["state_mb"] + m["activations_mb"] + m["head_mb"])
+    assert m["state_mb"] == pytest.approx(total * 16 / 2 ** 20)  # fp32 weights, gradients, two AdamW moments
+
+
+def test_cli_shows_without_composer(tmp_path):
+    code = ("import json, sys; from rafale.cli import main\n"
+            "main(['config', 'show', '-c', 'llama-tinystories', 'train.global_batch_size=32', '--json'])\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "RAFALE_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    shown, modules = map(json.loads, proc.stdout.splitlines())
+    assert not {"composer", "lm_eval", "transformers", "matplotlib"} & set(modules)
+    assert shown["config"]["train"]["global_batch_size"] == 32 and shown["config"]["model"]["preset"] == "gpt-tiny"
+    assert shown["tokens_per_step"] == 32 * 256 and shown["hash"] == load_config(
+        "llama-tinystories", ["train.global_batch_size=32"]).hash()
+    assert shown["parameters"]["head"] == 0  # tied embeddings
+    assert not (tmp_path / "data").exists()  # showing builds no data cache for a causal LM
+
+    text = subprocess.run([sys.executable, "-m", "rafale", "config", "show", "-c", "pythia-tinyshakespeare"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin",
+                                                                            "PYTHONPATH": str(REPO),
+                                                                            "RAFALE_HOME": str(tmp_path)})
+    assert text.returncode == 0, text.stderr
+    assert "preset: pythia-tiny" in text.stdout
+    assert "parameters        13,671,168 total, 6,438,912 embedding, 6,438,912 head, 13,671,168 trainable" in text.stdout
+    assert "tokens per step   4,096 " in text.stdout
+
+
+def test_bad_input_is_one_line(capsys):
+    from rafale.cli import main
+
+    assert main(["config", "show", "-c", "pythia-tinyshakespeare", "model.preset=pythia-tinyy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pythia-tiny" in err and len(err.splitlines()) == 1, err

@@ -21,6 +21,7 @@ from rafale.data.pipeline import Pipeline, pipeline_class
 from rafale.errors import UserError
 from rafale.models import ModelError, family_for_hf, preset, preset_names
 from rafale.models.weights import load_weights, open_weights, weight_files
+from rafale.paths import resolve_model_file
 
 # The size keys of the model section that override a preset's.
 SIZE_KEYS = ("n_layers", "n_heads", "d_model", "d_ff", "max_seq_len")
@@ -75,8 +76,9 @@ def _preset_config(task: str, name: str | None, overrides: dict, where: str):
         raise UserError(f"{key}: {e}") from None
 
 
-def _imported_config(task: str, hf_dir: Path, overrides: dict, where: str):
-    hf = _read_hf_config(hf_dir, f"{where} {hf_dir}")
+def _imported_config(task: str, hf_dir: Path, overrides: dict, where: str, hf: dict | None = None):
+    """(family, network config) of an HF directory's config.json (or of `hf`, a GGUF file's)."""
+    hf = hf if hf is not None else _read_hf_config(hf_dir, f"{where} {hf_dir}")
     try:
         family, _ = family_for_hf(hf, task)
         cfg = family.config_from_hf(hf)
@@ -104,8 +106,17 @@ def network_for(task: str, preset_name: str | None = None, init_from: str | None
     The tokenizer's `vocab_size` (and an encoder's `pad_id`) must fit the model. Builds on the current
     default device (torch.device("meta") for a skeleton: names and shapes only)."""
     overrides = overrides or {}
-    path = Path(init_from).expanduser() if init_from is not None else None
-    if path is not None and path.is_dir():
+    path = resolve_model_file(init_from, where) if init_from is not None else None
+    gguf = None
+    if path is not None and path.suffix == ".gguf":
+        from rafale.models.gguf import read_gguf
+
+        try:
+            gguf = read_gguf(path)
+        except ModelError as e:
+            raise UserError(f"{where}: {e}") from None
+        family, cfg = _imported_config(task, path, overrides, where, hf=gguf.config)
+    elif path is not None and path.is_dir():
         family, cfg = _imported_config(task, path, overrides, where)
     else:
         if path is not None:
@@ -124,7 +135,9 @@ def network_for(task: str, preset_name: str | None = None, init_from: str | None
                         f"{cfg.pad_token_id}; {encoder_hint}")
     try:
         network = family.build(cfg, task, num_labels=len(labels) if labels is not None else None)
-        if path is not None:
+        if gguf is not None:
+            fresh = load_weights(network, family, task, gguf, describe=str(path))
+        elif path is not None:
             with open_weights(path) as weights:
                 fresh = load_weights(network, family, task, weights, describe=str(path))
             if fresh and next(network.parameters()).device.type != "meta":

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a run directory (see `rafale runs`)")
     source.add_argument("--hf", help="an HF model directory (config.json, safetensors, tokenizer.json)")
+    source.add_argument("--gguf", metavar="FILE",
+                        help="a llama-family GGUF file (or pkg:PACKAGE/FILE): weights dequantized to fp32, "
+                             "tokenizer from its metadata")
     prompts = g.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="the text to continue")
     prompts.add_argument("--prompts-file", metavar="FILE",
@@ -249,6 +252,10 @@ def _cmd_generate(args) -> int:
 
     if args.hf is not None:
         (model, tokenizer), eos = load_hf(args.hf), hf_eos_ids(args.hf)
+    elif args.gguf is not None:
+        from rafale.inference import load_gguf
+
+        model, tokenizer, eos, _ = load_gguf(args.gguf)
     else:
         model, tokenizer, cfg = load_run(args.run)
         eos = run_eos_ids(cfg, tokenizer)

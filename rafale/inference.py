@@ -59,6 +59,26 @@ def load_hf(hf_dir: str):
     return decoder.eval(), tokenizer
 
 
+def load_gguf(spec: str, key: str = "--gguf"):
+    """Returns (decoder in eval mode, tokenizer, eos ids, chat template source or None) from a GGUF file
+    (a path or `pkg:PACKAGE/FILE`): weights dequantized to fp32, tokenizer and template from its metadata."""
+    from rafale.build import network_for
+    from rafale.paths import gguf_tokenizer_dir, resolve_model_file
+
+    path = resolve_model_file(spec, key)
+    if path.suffix != ".gguf":
+        raise UserError(f"{key} {spec}: not a .gguf file; give a GGUF model file")
+    decoder = network_for("causal_lm", init_from=str(path), where=key)
+    folder = gguf_tokenizer_dir(path, key)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    import json
+
+    eos = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")
+    template = folder / "chat_template.jinja"
+    return (decoder.eval(), tokenizer, [tokenizer.token_to_id(eos)] if eos is not None else [],
+            template.read_text(encoding="utf-8") if template.is_file() else None)
+
+
 def run_eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:
     """The token a run's data appended after every document (data.eos_token, or the tokenizer's own):
     the one the model learned to end a text with."""

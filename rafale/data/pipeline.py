@@ -32,6 +32,7 @@ BUILTIN = {
     "causal_lm": "rafale.data.causal_lm:CausalLM",
     "mlm": "rafale.data.mlm:MaskedLM",
     "classification": "rafale.data.classification:Classification",
+    "chat": "rafale.data.sft:ChatSFT",
 }
 
 

@@ -9,6 +9,7 @@ and `network_for` names the config key each one belongs to (model.preset, model.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -159,11 +160,28 @@ def build_network(cfg: Config, meta: dict, task: str | None = None) -> torch.nn.
             task, m.preset, m.init_from, {k: getattr(m, k) for k in SIZE_KEYS if getattr(m, k) is not None},
             vocab_size=meta["vocab_size"], pad_id=special["pad"][1] if task != "causal_lm" else None,
             labels=meta.get("labels") if task == "classification" else None)
+    if not isinstance(m, Component) and m.lora is not None:
+        _add_lora(network, m.lora)
     limit = getattr(getattr(network, "cfg", None), "max_seq_len", getattr(network, "max_seq_len", None))
     if limit is not None and limit < cfg.data.max_seq_len:
         raise UserError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's max_seq_len "
                         f"({limit}); lower it or set model.max_seq_len")
     return network
+
+
+def _add_lora(network: torch.nn.Module, lora) -> tuple[int, int]:
+    """model.lora: wraps the targeted layers with adapters and freezes the rest."""
+    from rafale.models.decoder import Decoder
+    from rafale.models.lora import LoraConfig, apply_lora
+
+    if not isinstance(network, Decoder):
+        raise UserError("model.lora: LoRA applies to rafale's decoders (presets and imported causal LMs); "
+                        "remove it for this model")
+    try:
+        return apply_lora(network, LoraConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                              targets=list(lora.targets)))
+    except ModelError as e:
+        raise UserError(str(e)) from None
 
 
 def _component_network(m: Component, meta: dict) -> torch.nn.Module:
@@ -182,7 +200,12 @@ def build_model(cfg: Config, meta: dict):
     """The ComposerModel Composer trains: the network and its pipeline's objective."""
     from rafale.task_model import TaskModel
 
-    return TaskModel(build_network(cfg, meta), pipeline_of(cfg), meta)
+    network = build_network(cfg, meta)
+    if getattr(cfg.model, "lora", None) is not None and os.environ.get("RANK", "0") == "0":
+        params = list(network.parameters())
+        trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        print(f"model.lora: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})", flush=True)
+    return TaskModel(network, pipeline_of(cfg), meta)
 
 
 # ---- optimizer, schedule, callbacks ----

@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--to-hf", required=True, metavar="OUT_DIR", help="a new or empty directory")
     e.add_argument("--max-shard-size", default="5GB",
                    help="split the weights into files of at most this size (default 5GB)")
+    e.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA run: write its adapter as a PEFT adapter directory instead of the merged model")
     ev = sub.add_parser("eval", help="metrics of a run's latest checkpoint on its validation split",
                         description="metrics of a run's latest checkpoint on its validation split (the "
                                     "metrics/eval/* of metrics.jsonl), and for classifiers a confusion matrix")
@@ -280,7 +282,7 @@ def _cmd_export(args) -> int:
 
     max_shard_bytes = parse_size(args.max_shard_size)
     _quiet_libraries()
-    print(f"exported: {export_run(args.run, args.to_hf, max_shard_bytes)}")
+    print(f"exported: {export_run(args.run, args.to_hf, max_shard_bytes, adapter_only=args.adapter_only)}")
     return 0
 
 

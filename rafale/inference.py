@@ -26,7 +26,15 @@ def run_network(run: Run, meta: dict | None = None, skeleton: bool = False):
             return build_network(cfg, meta), pipeline, meta
     network = build_network(cfg, meta)
     state = read_model_state(ckpt)
-    network.load_state_dict({name.removeprefix("model."): t for name, t in state.items()})
+    missing, unexpected = network.load_state_dict({name.removeprefix("model."): t for name, t in state.items()},
+                                                  strict=False)
+    # A LoRA run's checkpoint holds the adapter only: the frozen base came from model.init_from above.
+    frozen = {n for n, p in network.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise UserError(f"checkpoint {ckpt.name} does not match the run's config.yaml (missing "
+                        f"{', '.join(missing[:4]) or 'nothing'}, unexpected {', '.join(unexpected[:4]) or 'nothing'}); "
+                        f"was config.yaml edited?")
     return network.eval(), pipeline, meta
 
 

@@ -185,6 +185,8 @@ def build_trainer(cfg: Config, model, data: PreparedData, run_dir: Path | None,
         log_to_console=False,
         run_name=run_dir.name if run_dir is not None else "debug",
         seed=cfg.run.seed,
+        # A LoRA run's checkpoints leave the frozen base out (task_model.py), so they load non-strictly.
+        load_strict_model_weights=not model.frozen,
         **checkpointing,
     )
 

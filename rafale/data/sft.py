@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from rafale.schema import results
 
 @dataclass
 class ChatData(DataSection):
-    train: str | list[str] = results("dolly-sft/messages.jsonl")
+    train: Union[str, list[str]] = results("dolly-sft/messages.jsonl")
     tokenizer: str = results("smollm2")
     max_seq_len: int = results(512)
     train_on: str = results("assistant")  # assistant (every answer) | all (every token) | last (final answer)

@@ -128,10 +128,11 @@ USER_TOKEN = "<tool>"  # a user-defined (type 4) added token
 
 
 def tiny_gguf(path: Path, arch: str = "llama", drop: tuple[str, ...] = (), extra_meta: dict | None = None,
-              extra_tensors: dict | None = None, dtypes: dict | None = None) -> Path:
+              extra_tensors: dict | None = None, dtypes: dict | None = None, scale: float = 1.0) -> Path:
     """A 2-layer llama GGUF with an untied head, random F16 matrices and F32 norms (as llama.cpp stores
     them), a tiny byte-level vocabulary and Llama 3's pre-tokenizer; `drop` leaves metadata keys out,
-    `dtypes` stores some tensors in another numpy dtype."""
+    `dtypes` stores some tensors in another numpy dtype, `scale` multiplies the matrices (0.02: a trained
+    model's magnitudes, where standard-normal ones make logits in the tens)."""
     tokens = SPECIALS + BYTES + list(WORDS) + [USER_TOKEN]
     meta = {f"{arch}.block_count": LAYERS, f"{arch}.context_length": 64, f"{arch}.embedding_length": D,
             f"{arch}.feed_forward_length": FF, f"{arch}.attention.head_count": HEADS,
@@ -166,7 +167,7 @@ def tiny_gguf(path: Path, arch: str = "llama", drop: tuple[str, ...] = (), extra
             w.add_array(key, value)
     for name, shape in shapes.items():
         dtype = (dtypes or {}).get(name, np.float16 if len(shape) == 2 else np.float32)
-        w.add_tensor(name, rng.standard_normal(shape).astype(dtype))
+        w.add_tensor(name, (rng.standard_normal(shape) * (scale if len(shape) == 2 else 1.0)).astype(dtype))
     for name, array in (extra_tensors or {}).items():
         w.add_tensor(name, array)
     w.write_header_to_file()

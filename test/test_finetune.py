@@ -192,3 +192,71 @@ def test_an_unsupported_gguf_exits_2_naming_the_file(tmp_path):
     bad = tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
     out = run_cli("generate", "--gguf", str(bad), "--prompt", "hi", home=tmp_path)
     assert out.returncode == 2 and f"--gguf: {bad} holds a 'gpt2' model" in out.stderr, out.stderr
+
+
+def _pairs(path: Path, n: int = 80) -> Path:
+    """Synthetic preference pairs: the chosen answer ends with ' yes', the rejected one with ' no'."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        rows.append({"prompt": f"is {a} {b}?", "chosen": f" {a} yes", "rejected": f" {a} no"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _preference_config(files, tmp_path: Path, **data) -> Path:
+    cfg = yaml.safe_load(files["lora"].read_text())
+    cfg["run"]["name"] = "dpo"
+    cfg["data"] = {"pipeline": "preference", "train": str(_pairs(tmp_path / "pairs.jsonl")),
+                   "tokenizer": str(files["gguf"]), "max_seq_len": 64, "val_fraction": 0.1, "beta": 0.5, **data}
+    cfg["train"].update(max_duration="10ba", eval_interval="10ba", save_interval="10ba")
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "dpo.yaml"
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_under_lora_and_full_fine_tuning_learns_synthetic_pairs(files, tmp_path):
+    import math
+
+    cfg = _preference_config(files, tmp_path)
+    for home, extra in ((tmp_path / "lora", []), (tmp_path / "full", ["model.lora=null", "optim.lr=1e-3"])):
+        out = run_cli("train", "-c", str(cfg), *extra, home=home)
+        assert out.returncode == 0, out.stderr
+        run_dir = _run_dir(home)
+        rows = _metrics(run_dir)
+        first = next(r for r in rows if "loss/train/total" in r)
+        # Step 0: the policy is the reference (LoRA: B = 0; full: the reference pass of the same weights).
+        assert abs(first["loss/train/total"] - math.log(2)) < 1e-6
+        assert abs(first["preference/train/margins"]) < 1e-6
+        assert {"preference/train/chosen_rewards", "preference/train/rejected_rewards",
+                "preference/train/accuracy"} <= set(first)
+        final = [r for r in rows if "metrics/eval/RewardAccuracy" in r][-1]
+        assert final["metrics/eval/RewardAccuracy"] > 0.9 and final["metrics/eval/RewardMargin"] > 0
+        assert final["metrics/eval/ChosenReward"] > final["metrics/eval/RejectedReward"]
+        # Only full fine-tuning needs the reference pass, kept in the run for a resume.
+        assert (run_dir / "reference_logps.pt").is_file() == bool(extra)
+
+
+def test_simpo_learns_synthetic_pairs(files, tmp_path):
+    cfg = _preference_config(files, tmp_path, objective="simpo", beta=2.0, gamma=1.0)
+    out = run_cli("train", "-c", str(cfg), home=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = _metrics(_run_dir(tmp_path))
+    final = [r for r in rows if "metrics/eval/RewardAccuracy" in r][-1]
+    assert final["metrics/eval/RewardAccuracy"] > 0.9
+    assert not (_run_dir(tmp_path) / "reference_logps.pt").exists()
+
+
+def test_a_preference_row_without_rejected_exits_2_naming_it(files, tmp_path):
+    cfg = _preference_config(files, tmp_path)
+    pairs = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    pairs[3] = json.dumps({"prompt": "p", "chosen": "c"})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
+    out = run_cli("prepare", "-c", str(cfg), home=tmp_path)
+    assert out.returncode == 2 and "pairs.jsonl line 4: the row has no 'rejected'" in out.stderr, out.stderr

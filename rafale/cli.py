@@ -13,7 +13,7 @@ import sys
 
 from rafale.errors import UserError
 
-COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "tokenizer")
+COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "tokenizer", "chat")
 
 
 def _env_flag(name: str) -> bool:
@@ -81,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, metavar="S",
                    help="prompt number i (from 0) samples from its own stream seeded by (seed, i): same seed, "
                         "same text (default 0)")
+    ch = sub.add_parser("chat", help="talk with a model in the terminal, through its chat template",
+                        description="a multi-turn conversation through the model's chat template, the answer "
+                                    "streamed as it is written; /reset, /system TEXT, /exit; Ctrl-C stops an "
+                                    "answer, Ctrl-D leaves")
+    chat_source = ch.add_mutually_exclusive_group(required=True)
+    chat_source.add_argument("--run", help="a run directory (see `rafale runs`)")
+    chat_source.add_argument("--hf", help="an HF model directory with a chat template")
+    chat_source.add_argument("--gguf", metavar="FILE", help="a llama-family GGUF file (or pkg:PACKAGE/FILE)")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
+    ch.add_argument("--temperature", type=float, metavar="T", help="0 (default) picks the most likely token; > 0 samples")
+    ch.add_argument("--top-p", type=float, metavar="P", help="sample among the most likely tokens that reach this "
+                                                            "total probability (default 1: all)")
+    ch.add_argument("--seed", type=int, metavar="S", help="answer number i samples from a stream seeded by (seed, i)")
     e = sub.add_parser("export", help="write a run's latest checkpoint as an HF transformers model",
                        description="write a run's latest checkpoint as an HF transformers model directory "
                                    "(config.json, safetensors, tokenizer)")
@@ -277,6 +290,37 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_chat(args) -> int:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    from rafale.sampling import SamplingConfig
+
+    sampling = SamplingConfig(**{k: getattr(args, k) for k in ("temperature", "top_p", "seed")
+                                 if getattr(args, k) is not None})
+    _quiet_libraries()
+    from pathlib import Path
+
+    from rafale.chat_repl import repl
+    from rafale.data.chat import load_chat_template
+    from rafale.inference import hf_eos_ids, load_gguf, load_hf, load_run, run_eos_ids
+    from rafale.paths import resolve_tokenizer
+
+    if args.gguf is not None:
+        model, tokenizer, eos, folder = load_gguf(args.gguf)
+        template = load_chat_template(folder)
+    elif args.hf is not None:
+        (model, tokenizer), eos = load_hf(args.hf), hf_eos_ids(args.hf)
+        template = load_chat_template(Path(args.hf).expanduser())
+    else:
+        model, tokenizer, cfg = load_run(args.run)
+        eos = run_eos_ids(cfg, tokenizer)
+        template = load_chat_template(resolve_tokenizer(cfg.data.tokenizer), getattr(cfg.data, "chat_template", None))
+    if args.max_new_tokens >= model.cfg.max_seq_len:
+        raise UserError(f"--max-new-tokens ({args.max_new_tokens}) leaves no room for the conversation in the "
+                        f"model's {model.cfg.max_seq_len}-token context; lower it")
+    return repl(model, tokenizer, template, eos, args.max_new_tokens, sampling)
+
+
 def _cmd_export(args) -> int:
     from rafale.export import export_run, parse_size
 
@@ -353,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "chat":
+            return _cmd_chat(args)
         if args.command == "tokenizer":
             return _cmd_tokenizer(args)
         return _cmd_runs()

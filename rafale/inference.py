@@ -68,8 +68,9 @@ def load_hf(hf_dir: str):
 
 
 def load_gguf(spec: str, key: str = "--gguf"):
-    """Returns (decoder in eval mode, tokenizer, eos ids, chat template source or None) from a GGUF file
-    (a path or `pkg:PACKAGE/FILE`): weights dequantized to fp32, tokenizer and template from its metadata."""
+    """Returns (decoder in eval mode, tokenizer, eos ids, the tokenizer folder extracted from its metadata:
+    tokenizer.json, tokenizer_config.json, chat_template.jinja) from a GGUF file (a path or
+    `pkg:PACKAGE/FILE`); weights dequantized to fp32."""
     from rafale.build import network_for
     from rafale.paths import gguf_tokenizer_dir, resolve_model_file
 
@@ -82,9 +83,7 @@ def load_gguf(spec: str, key: str = "--gguf"):
     import json
 
     eos = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")
-    template = folder / "chat_template.jinja"
-    return (decoder.eval(), tokenizer, [tokenizer.token_to_id(eos)] if eos is not None else [],
-            template.read_text(encoding="utf-8") if template.is_file() else None)
+    return decoder.eval(), tokenizer, [tokenizer.token_to_id(eos)] if eos is not None else [], folder
 
 
 def run_eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:

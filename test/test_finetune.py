@@ -260,3 +260,25 @@ def test_a_preference_row_without_rejected_exits_2_naming_it(files, tmp_path):
     (tmp_path / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
     out = run_cli("prepare", "-c", str(cfg), home=tmp_path)
     assert out.returncode == 2 and "pairs.jsonl line 4: the row has no 'rejected'" in out.stderr, out.stderr
+
+
+def test_lora_trains_under_two_process_fsdp2(files, lora_run, tmp_path):
+    """The one multi-process test here: the LoRA chat run as 2 FSDP2 ranks (gloo) with sharded checkpoints,
+    whose shards hold the adapter only and load back for generation."""
+    out = run_cli("train", "-c", str(files["lora"]), "--nproc", "2", "train.parallelism.strategy=fsdp",
+                  "train.max_duration=4ba", home=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    run_dir = _run_dir(tmp_path)
+    losses, single = _losses(run_dir), _losses(lora_run)
+    assert sorted(losses) == [1, 2, 3, 4]
+    # Each rank averages over its own target tokens, so the losses match the single process's loosely.
+    assert all(abs(losses[s] - single[s]) <= 0.05 * single[s] for s in losses), (losses, single)
+    from rafale.checkpoints import read_model_state
+
+    latest = run_dir / "checkpoints/latest-rank0.pt"
+    assert latest.resolve().is_dir()  # FSDP's sharded checkpoint
+    state = read_model_state(latest.resolve())
+    assert state and all(k.endswith((".lora_A", ".lora_B")) for k in state)
+    gen = run_cli("generate", "--run", str(run_dir), "--prompt", "add 1 2", "--max-new-tokens", "4", "--json",
+                  home=tmp_path)
+    assert gen.returncode == 0, gen.stderr

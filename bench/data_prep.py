@@ -17,9 +17,17 @@ Sides:
             after each file, one numpy array, reshape, np.save; no hashing, no exactness, no atomicity
 
     python bench/data_prep.py --side raw      # one measurement
+
+A second workload, not in bench/run.py (it takes minutes): a large .jsonl corpus (TinyStories stories
+repeated to the size asked), `rafale-jsonl` (prepare_causal_lm on it: the row reader, exact tokenization,
+the manifest, the atomic entry) against `raw-jsonl` (json.loads per line + encode_batch_fast + numpy, the
+ceiling), each side's peak RSS measured in its own process:
+
+    python bench/data_prep.py --jsonl-mb 150 [--reps 3]
 """
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -33,6 +41,7 @@ FILES = [ASSETS / "tinyshakespeare" / "input.txt", ASSETS / "tinystories" / "tin
 TOKENIZER = ASSETS / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 SEQ = 256
 SIDES = ("rafale", "datasets", "raw")
+JSONL_SIDES = ("rafale-jsonl", "raw-jsonl")
 
 
 def corpus_mb() -> float:
@@ -107,6 +116,80 @@ def prepare_raw(out: Path):
     return time.perf_counter() - t0, len(stream)
 
 
+def write_jsonl_corpus(path: Path, mb: float) -> None:
+    import gzip
+
+    rows = gzip.open(ASSETS / "tinystories" / "tinystories_train_stories.jsonl.gz").read()
+    with open(path, "wb") as f:
+        for _ in range(max(1, round(mb * 1e6 / len(rows)))):
+            f.write(rows)
+
+
+def prepare_rafale_jsonl(out: Path, corpus: Path):
+    import os
+
+    os.environ["RAFALE_HOME"] = str(out)
+    from rafale.data.causal_lm import prepare_causal_lm
+
+    t0 = time.perf_counter()
+    data = prepare_causal_lm(train=str(corpus), tokenizer=str(TOKENIZER), max_seq_len=SEQ)
+    assert not data.hit
+    return time.perf_counter() - t0, data.meta["stats"]["tokens"]
+
+
+def prepare_raw_jsonl(out: Path, corpus: Path):
+    import json
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    t0 = time.perf_counter()
+    tok = Tokenizer.from_file(str(TOKENIZER))
+    eos = tok.token_to_id("<|endoftext|>")
+    arrays, batch, chars = [], [], 0
+
+    def flush():
+        for e in tok.encode_batch_fast(batch, add_special_tokens=False):
+            arrays.append(np.array(e.ids + [eos], dtype=np.uint16))
+        batch.clear()
+
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            batch.append(json.loads(line)["text"])
+            chars += len(batch[-1])
+            if chars >= 8 << 20:
+                flush()
+                chars = 0
+    flush()
+    stream = np.concatenate(arrays)
+    np.save(out / "train.npy", stream[:len(stream) // SEQ * SEQ].reshape(-1, SEQ))
+    return time.perf_counter() - t0, len(stream)
+
+
+def measure_jsonl(side: str, corpus: Path) -> dict:
+    with tempfile.TemporaryDirectory(prefix="rafale-bench-data-") as tmp:
+        fn = prepare_rafale_jsonl if side == "rafale-jsonl" else prepare_raw_jsonl
+        seconds, tokens = fn(Path(tmp), corpus)
+    mb = corpus.stat().st_size / 1e6
+    return {"side": side, "seconds": seconds, "mb_per_s": mb / seconds, "tokens": tokens,
+            "peak_rss_mb": common.peak_rss_mb(), "corpus_mb": mb}
+
+
+def run_jsonl(mb: float, reps: int, log=print) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="rafale-bench-jsonl-") as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        write_jsonl_corpus(corpus, mb)
+        size = corpus.stat().st_size / 1e6
+        runs = common.interleave({s: (lambda s=s: common.run_worker("data_prep.py", ["--side", s, "--corpus", str(corpus)]))
+                                  for s in JSONL_SIDES}, reps, log=log)
+    med = {s: {k: common.median(r[k] for r in rs) for k in ("mb_per_s", "peak_rss_mb")} for s, rs in runs.items()}
+    name = f"data prep, {size:.0f} MB jsonl -> {SEQ}-token blocks"
+    return [common.row(name, "MB/s", med["rafale-jsonl"]["mb_per_s"], "json.loads + encode_batch_fast + numpy",
+                       med["raw-jsonl"]["mb_per_s"], ">= 0.9", runs=runs),
+            common.row(f"{name}, peak RSS", "MB", med["rafale-jsonl"]["peak_rss_mb"], "same raw side",
+                       med["raw-jsonl"]["peak_rss_mb"], "< 1,500 at 1 GB", runs={})]
+
+
 def measure(side: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="rafale-bench-data-") as tmp:
         fn = {"rafale": prepare_rafale, "datasets": prepare_datasets, "raw": prepare_raw}[side]
@@ -128,5 +211,15 @@ def run(quick: bool, log=print) -> list[dict]:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--side", choices=SIDES, required=True)
-    common.emit(measure(p.parse_args().side))
+    p.add_argument("--side", choices=SIDES + JSONL_SIDES)
+    p.add_argument("--corpus", type=Path, help="the .jsonl corpus of a *-jsonl side")
+    p.add_argument("--jsonl-mb", type=float, help="run the jsonl workload on a corpus of about this size")
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    if args.jsonl_mb is not None:
+        for r in run_jsonl(args.jsonl_mb, args.reps):
+            print(json.dumps({k: v for k, v in r.items() if k != "runs"}))
+    elif args.side in JSONL_SIDES:
+        common.emit(measure_jsonl(args.side, args.corpus))
+    else:
+        common.emit(measure(args.side))

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-WORKLOADS = ("train", "generation", "data", "startup")
+WORKLOADS = ("train", "generation", "data", "startup", "packing")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
@@ -69,10 +69,12 @@ def main() -> None:
     print(f"rafale benchmarks ({'quick' if a.quick else 'full'}), {', '.join(chosen)}", flush=True)
     import data_prep
     import generation
+    import packing
     import startup
     import train_throughput
 
-    modules = {"train": train_throughput, "generation": generation, "data": data_prep, "startup": startup}
+    modules = {"train": train_throughput, "generation": generation, "data": data_prep, "startup": startup,
+               "packing": packing}
     rows, t_start = [], time.perf_counter()
     for name in chosen:
         t0 = time.perf_counter()

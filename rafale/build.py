@@ -100,12 +100,14 @@ def _imported_config(task: str, hf_dir: Path, overrides: dict, where: str, hf: d
 
 def network_for(task: str, preset_name: str | None = None, init_from: str | None = None,
                 overrides: dict | None = None, vocab_size: int | None = None, pad_id: int | None = None,
-                labels: list[str] | None = None, where: str = "model.init_from") -> torch.nn.Module:
+                labels: list[str] | None = None, where: str = "model.init_from",
+                attention: str = "sdpa") -> torch.nn.Module:
     """A network for `task` of the preset's shape with `overrides` (model.n_layers, ...), randomly
     initialised; or, with `init_from`, holding that checkpoint's weights: an HF model directory (its
     config.json gives the shape, the preset is ignored) or a .safetensors file of the preset's shape.
     The tokenizer's `vocab_size` (and an encoder's `pad_id`) must fit the model. Builds on the current
-    default device (torch.device("meta") for a skeleton: names and shapes only)."""
+    default device (torch.device("meta") for a skeleton: names and shapes only). `attention` is the
+    decoder's kernel (model.attention)."""
     overrides = overrides or {}
     path = resolve_model_file(init_from, where) if init_from is not None else None
     gguf = None
@@ -126,6 +128,12 @@ def network_for(task: str, preset_name: str | None = None, init_from: str | None
             except ModelError as e:
                 raise UserError(f"{where}: {e}") from None
         family, cfg = _preset_config(task, preset_name, overrides, where)
+    if attention != "sdpa":
+        if not any(f.name == "attention" for f in dataclasses.fields(cfg)):
+            raise UserError(f"model.attention: {attention} is implemented for the decoder families; "
+                            f"encoders attend with sdpa")
+        check_attention(attention)
+        cfg = dataclasses.replace(cfg, attention=attention)
     source = repr(init_from or preset_name)
     encoder_hint = "use its own tokenizer (bert-* presets: bert-base-uncased, roberta-*: roberta-base)"
     if vocab_size is not None and vocab_size > cfg.vocab_size:
@@ -148,8 +156,24 @@ def network_for(task: str, preset_name: str | None = None, init_from: str | None
     return network
 
 
-def build_network(cfg: Config, meta: dict, task: str | None = None) -> torch.nn.Module:
-    """The network of the config's model section for its pipeline's task, sized by the data's `meta`."""
+def check_attention(attention: str, precision: str | None = None) -> None:
+    """A UserError when model.attention's kernel cannot run here (flash: no GPU, no flash-attn, fp32)."""
+    from rafale.models.attention import load_flash
+
+    if attention != "flash":
+        return
+    try:
+        load_flash()
+    except ModelError as e:
+        raise UserError(f"model.attention: {e}") from None
+    if precision == "fp32":
+        raise UserError("model.attention: flash has fp16 / bf16 kernels only; set train.precision to auto, "
+                        "amp_bf16 or amp_fp16, or use sdpa")
+
+
+def build_network(cfg: Config, meta: dict, task: str | None = None, attention: str | None = None) -> torch.nn.Module:
+    """The network of the config's model section for its pipeline's task, sized by the data's `meta`;
+    `attention` replaces model.attention (None: keep it)."""
     task = task or pipeline_class(cfg.data.pipeline).task
     m = cfg.model
     if isinstance(m, Component):
@@ -159,7 +183,7 @@ def build_network(cfg: Config, meta: dict, task: str | None = None) -> torch.nn.
         network = network_for(
             task, m.preset, m.init_from, {k: getattr(m, k) for k in SIZE_KEYS if getattr(m, k) is not None},
             vocab_size=meta["vocab_size"], pad_id=special["pad"][1] if task != "causal_lm" else None,
-            labels=meta.get("labels") if task == "classification" else None)
+            labels=meta.get("labels") if task == "classification" else None, attention=attention or m.attention)
     if not isinstance(m, Component) and m.lora is not None:
         _add_lora(network, m.lora)
     limit = getattr(getattr(network, "cfg", None), "max_seq_len", getattr(network, "max_seq_len", None))
@@ -200,12 +224,13 @@ def build_model(cfg: Config, meta: dict):
     """The ComposerModel Composer trains: the network and its pipeline's objective."""
     from rafale.task_model import TaskModel
 
-    network = build_network(cfg, meta)
+    network, pipeline = build_network(cfg, meta), pipeline_of(cfg)
+    pipeline.check_network(network)
     if getattr(cfg.model, "lora", None) is not None and os.environ.get("RANK", "0") == "0":
         params = list(network.parameters())
         trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
         print(f"model.lora: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})", flush=True)
-    return TaskModel(network, pipeline_of(cfg), meta)
+    return TaskModel(network, pipeline, meta)
 
 
 # ---- optimizer, schedule, callbacks ----

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from rafale.errors import UserError
+from rafale.runs import damaged_checkpoint
 
 
 def read_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -25,7 +26,10 @@ def read_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     else:
         # mmap: tensors are read from disk on use, so loading does not hold a second copy in memory.
         # weights_only=False: Composer pickles its training state; this is our own run's file.
-        state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+        try:
+            state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+        except (RuntimeError, EOFError, ValueError, OSError) as e:  # what a damaged zip or pickle raises
+            raise UserError(damaged_checkpoint(ckpt, " ".join(str(e).split())[:200])) from None
     return state["state"]["model"]
 
 

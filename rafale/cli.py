@@ -3,7 +3,7 @@
 Nothing heavy is imported at module level: `rafale --help`, `rafale runs` and config errors answer
 without paying for torch or Composer. Environment switches: DATA=1 (prepare only), DEBUG=1 (overfit
 one batch), FORCE=1 (train again although this config already completed), RAFALE_HOME (where
-everything is written).
+everything is written), RAFALE_TRACEBACK=1 (a failure's traceback instead of its one line).
 """
 
 import argparse
@@ -13,7 +13,7 @@ import sys
 
 from rafale.errors import UserError
 
-COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "tokenizer", "chat")
+COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "tokenizer", "cache", "chat")
 
 
 def _env_flag(name: str) -> bool:
@@ -129,6 +129,18 @@ def _parser() -> argparse.ArgumentParser:
                          "wordpiece [PAD] [UNK] [CLS] [SEP] [MASK])")
     tt.add_argument("--text-field", default="text", help="the column holding the text in row formats (default text)")
     tt.add_argument("-o", "--output", required=True, help="the tokenizer.json to write (replaced if it exists)")
+    ca = sub.add_parser("cache", help="list or remove data cache entries",
+                        description="list or remove the tokenized data cache entries in $RAFALE_HOME/data")
+    ca_sub = ca.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    cl = ca_sub.add_parser("ls", help="entries: key, pipeline, sources, tokenizer, size on disk, last use",
+                           description="entries, most recently used first: key, pipeline, sources, tokenizer, "
+                                       "size on disk (as du counts it), last use")
+    cl.add_argument("--json", action="store_true", help="one JSON object per entry, sizes in bytes")
+    cr = ca_sub.add_parser("rm", help="remove entries by key prefix or age",
+                           description="remove entries by key (or name) prefix, or those last used longer ago "
+                                       "than --older-than; an entry being built or in use is refused (exit 2)")
+    cr.add_argument("keys", nargs="*", metavar="KEY", help="key or entry-name prefixes (see `rafale cache ls`)")
+    cr.add_argument("--older-than", metavar="AGE", help="entries last used more than AGE ago: 90m, 12h, 7d, 2w")
     return p
 
 
@@ -150,13 +162,18 @@ def _cmd_config(args, mode: str) -> int:
     _quiet_libraries()
     from rafale import train
     from rafale.monitoring import Diverged
+    from rafale.signals import ctrl_c_quits, shield
 
+    ctrl_c_quits()
     if mode == "prepare":
         train.prepare(cfg)
         return 0
     if mode == "debug":
-        return 0 if train.debug_overfit(cfg) else 1
-    from rafale.signals import shield
+        try:
+            return 0 if train.debug_overfit(cfg) else 1
+        except Diverged as e:
+            print(f"rafale: diverged: {e}", file=sys.stderr)
+            return 1
 
     shield()  # again: importing Composer replaced it with a SIGTERM handler that exits 143
     if (args.nproc > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
@@ -188,9 +205,6 @@ def _launch(args) -> int:
     the ranks, which checkpoint and exit 75, instead of killing the launcher and orphaning them."""
     import signal
 
-    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
-        raise UserError(f"--nproc and --nnodes must be >= 1 and --node-rank in 0..nnodes-1, got "
-                        f"{args.nproc}, {args.nnodes}, {args.node_rank}")
     argv = ["composer", "-n", str(args.nproc), "--world_size", str(args.nproc * args.nnodes),
             "--node_rank", str(args.node_rank), "--base_rank", str(args.node_rank * args.nproc),
             "--master_addr", args.master_addr]
@@ -198,20 +212,32 @@ def _launch(args) -> int:
         argv += ["--master_port", str(args.master_port)]
     argv += ["-m", "rafale", "train", "-c", args.config, *args.overrides]
     from composer.cli import launcher
-    from rafale.signals import SIGNALS
+    from rafale.signals import PREEMPTED_EXIT_CODE, SIGNALS
 
     previous = {sig: signal.signal(sig, _forward_to_ranks) for sig in SIGNALS}
     saved_argv, sys.argv = sys.argv, argv
     try:
-        return launcher.main()
+        code = launcher.main()
+        # The ranks stop at the same step, but one exits first; the launcher then SIGTERMs the others
+        # while they are exiting and reports the lowest rank's code (-15). The checkpoint is complete
+        # by then (saving ends in a barrier of all ranks), so the run was preempted, not killed.
+        if _forwarded and code == -signal.SIGTERM:
+            return PREEMPTED_EXIT_CODE
+        return code
     finally:
         sys.argv = saved_argv
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
+_forwarded = False  # a preemption signal reached the launching process and was passed to the ranks
+
+
 def _forward_to_ranks(signum, frame) -> None:
     import psutil  # Composer's launcher depends on it
+
+    global _forwarded
+    _forwarded = True
 
     for rank in psutil.Process().children():  # the ranks only: not their own workers
         try:
@@ -356,6 +382,64 @@ def _cmd_tokenizer(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    from rafale.data import entries
+
+    if args.cache_command == "ls":
+        found = entries.list_entries()
+        if args.json:
+            for e in found:
+                print(json.dumps(e.as_dict()))
+            return 0
+        from rich.console import Console
+        from rich.table import Table
+
+        from rafale.paths import data_cache_dir
+
+        table = Table(box=None)
+        table.add_column("key", no_wrap=True, min_width=max((len(e.name) for e in found), default=3))
+        table.add_column("pipeline", no_wrap=True)
+        table.add_column("sources", overflow="fold")  # the column that gives way on a narrow terminal
+        for column in ("tokenizer", "size", "last use", "state"):
+            table.add_column(column, no_wrap=True)
+        for e in found:
+            names = [os.path.basename(s) for s in e.sources]
+            shown = ", ".join(names[:2]) + (f" +{len(names) - 2}" if len(names) > 2 else "")
+            tokenizer = os.path.basename(os.path.dirname(e.tokenizer)) if e.tokenizer.endswith("tokenizer.json") \
+                else e.tokenizer
+            table.add_row(e.name, e.pipeline, shown, tokenizer, _human_bytes(e.size), _ago(e.last_use), e.state)
+        # Piped output is not cut at 80 columns: keys and paths are what one copies from it.
+        Console(width=None if sys.stdout.isatty() else 200).print(
+            table if found else f"no data cache entries in {data_cache_dir()}")
+        return 0
+    refused = 0
+    for e in entries.select(args.keys, args.older_than):
+        why = entries.remove(e)
+        if why is None:
+            print(f"removed {e.name} ({_human_bytes(e.size)})")
+        else:
+            print(f"rafale: error: {why}", file=sys.stderr)
+            refused += 1
+    return 2 if refused else 0
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _ago(t: float) -> str:
+    import time
+
+    s = max(0, time.time() - t)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
 def _cmd_runs() -> int:
     from rich.console import Console
     from rich.table import Table
@@ -371,8 +455,35 @@ def _cmd_runs() -> int:
     return 0
 
 
+ENV_SWITCHES = ("DATA", "DEBUG", "FORCE", "RAFALE_HOME", "RAFALE_TRACEBACK")
+
+
+def _check_command_line(argv: list[str]) -> None:
+    """Mistakes argparse would report confusingly: a misspelt command (it would read as an override)
+    and an environment switch written as an argument (it would read as an unknown config key)."""
+    import difflib
+
+    if argv and not argv[0].startswith("-") and "=" not in argv[0] and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"commands: {', '.join(COMMANDS)}"
+        raise UserError(f"unknown command '{argv[0]}'; {hint}")
+    for arg in argv:
+        if arg.partition("=")[0] in ENV_SWITCHES and "=" in arg:
+            raise UserError(f"{arg} is an environment variable, not a config key: write it before the "
+                            f"command, e.g. `{arg} rafale train -c CONFIG`")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"rafale: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _check_command_line(argv)
+    except UserError as e:
+        return _fail(f"error: {e}", 2)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "train")  # `python rafale/main -c cfg.yaml` means train
     args = _parser().parse_args(argv)
@@ -380,34 +491,56 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 0
     try:
-        if args.command in ("train", "prepare", "debug"):
-            mode = args.command
-            if mode == "train" and _env_flag("DATA"):
-                mode = "prepare"
-            elif mode == "train" and _env_flag("DEBUG"):
-                mode = "debug"
-            if mode == "train":
-                from rafale.signals import shield
-
-                shield()
-            return _cmd_config(args, mode)
-        if args.command == "generate":
-            return _cmd_generate(args)
-        if args.command == "eval":
-            return _cmd_eval(args)
-        if args.command == "export":
-            return _cmd_export(args)
-        if args.command == "chat":
-            return _cmd_chat(args)
-        if args.command == "tokenizer":
-            return _cmd_tokenizer(args)
-        return _cmd_runs()
+        return _dispatch(args)
     except UserError as e:
-        print(f"rafale: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rafale: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return _fail(f"error: {e}", 2)
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Composer's own SIGINT handler exits with 130 (128 + SIGINT) wherever the program is.
+        if isinstance(e, SystemExit) and e.code != 130:
+            raise
+        return _fail(f"interrupted; {INTERRUPTED}", 130)
+    except Exception as e:
+        if _env_flag("RAFALE_TRACEBACK"):
+            raise
+        from rafale.errors import environment_problem
+
+        if (problem := environment_problem(e)) is not None:  # a full disk, an unwritable home
+            return _fail(f"error: {problem}", 2)
+        summary = " ".join(f"{type(e).__name__}: {e}".split())
+        return _fail(f"internal error: {summary} (RAFALE_TRACEBACK=1 shows where)", 1)
+
+
+INTERRUPTED = "run the same command to resume"
+
+
+def _dispatch(args) -> int:
+    if args.command == "train" and (args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes):
+        raise UserError(f"--nproc and --nnodes must be >= 1 and --node-rank in 0..nnodes-1, got "
+                        f"{args.nproc}, {args.nnodes}, {args.node_rank}")
+    if args.command in ("train", "prepare", "debug"):
+        mode = args.command
+        if mode == "train" and _env_flag("DATA"):
+            mode = "prepare"
+        elif mode == "train" and _env_flag("DEBUG"):
+            mode = "debug"
+        if mode == "train":
+            from rafale.signals import shield
+
+            shield()
+        return _cmd_config(args, mode)
+    if args.command == "generate":
+        return _cmd_generate(args)
+    if args.command == "eval":
+        return _cmd_eval(args)
+    if args.command == "export":
+        return _cmd_export(args)
+    if args.command == "chat":
+        return _cmd_chat(args)
+    if args.command == "tokenizer":
+        return _cmd_tokenizer(args)
+    if args.command == "cache":
+        return _cmd_cache(args)
+    return _cmd_runs()
 
 
 def entry() -> None:

@@ -62,6 +62,8 @@ class ModelSection:
     d_model: Optional[int] = results(None)
     d_ff: Optional[int] = results(None)
     max_seq_len: Optional[int] = results(None)
+    # The decoder's attention kernel (rafale/models/attention.py): the same numbers up to rounding.
+    attention: Literal["sdpa", "flex", "flash"] = results("sdpa", added=True)
     # Train LoRA adapters on the frozen init_from model instead of every weight (null: full fine-tuning).
     lora: Optional[LoraSection] = results(None, added=True)
 
@@ -359,14 +361,33 @@ def resolve_config_path(spec: str) -> Path:
     raise UserError(f"config '{spec}' is neither a YAML file nor a bundled config{hint}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last value silently, so a forgotten earlier `lr:` would win or lose unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}; keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(spec: str, overrides: list[str] = ()) -> Config:
     path = resolve_config_path(spec)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}: not valid YAML{where}; fix the file") from None
+    if data is None:  # an empty file would silently train the bundled default
+        raise UserError(f"{path}: the config is empty; write its sections (the README's config reference lists "
+                        f"them) or use a bundled config such as pythia-tinyshakespeare")
     return from_dict(apply_overrides(data, list(overrides)))
 
 

@@ -8,12 +8,13 @@ metrics/eval/*), plus what the pipeline reports besides (a classifier's confusio
 """
 
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from rafale.errors import UserError
-from rafale.runs import Run
+from rafale.runs import Run, read_status
 
 
 @torch.no_grad()
@@ -29,6 +30,10 @@ def evaluate_run(run_dir: str | Path) -> dict:
     cfg = run.config
     ckpt = run.require_checkpoint()
     data = pipeline_of(cfg).prepare()
+    trained_on = read_status(run.path).get("data")  # the cache entry training read (runs.train records it)
+    if trained_on is not None and trained_on != data.path.name:
+        print(f"rafale: note: the run's data changed since training (cache entry {trained_on}, now "
+              f"{data.path.name}): evaluating on the files as they are now", file=sys.stderr)
     if data.val is None:
         raise UserError(f"--run {run_dir}: the run has no validation split (data.val is null and "
                         f"data.val_fraction is 0); there is nothing to evaluate on")

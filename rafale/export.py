@@ -13,8 +13,10 @@ The weights are the run's latest checkpoint, memory-mapped, and written shard by
 """
 
 import json
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from rafale.checkpoints import checkpoint_weights
@@ -106,11 +108,30 @@ def _write_hf(run: Run, run_dir, out_dir: Path, max_shard_bytes: int, net_cfg, p
                                   else None, **tokens["config"])
     except ModelError as e:
         raise UserError(f"--run {run_dir}: {e}") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(weights, family, net_cfg, task, out_dir, max_shard_bytes)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.copyfile(tok_path, out_dir / "tokenizer.json")
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens["tokenizer_config"],
                   "model_max_length": net_cfg.max_seq_len, "clean_up_tokenization_spaces": False}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    # Written into a hidden sibling and renamed into place: a failure (a full disk) leaves no partial
+    # shards under OUT_DIR, and the same command can simply be run again.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_weights(weights, family, net_cfg, task, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+        mode = 0o666 & ~_umask()  # what a plain file gets (0644): safetensors writes its files 0600
+        for file in tmp.iterdir():
+            file.chmod(mode)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp made it 0700
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty (checked above); rename cannot replace a directory otherwise
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -21,10 +21,12 @@ def run_network(run: Run, meta: dict | None = None, skeleton: bool = False):
     pipeline = pipeline_of(cfg)
     ckpt = run.require_checkpoint()
     meta = meta if meta is not None else pipeline.model_meta()
+    # Generation, eval and export attend with SDPA whatever kernel trained the run (same numbers up to
+    # rounding), so a run trained with flash on a GPU is usable on any machine.
     if skeleton:
         with torch.device("meta"):
-            return build_network(cfg, meta), pipeline, meta
-    network = build_network(cfg, meta)
+            return build_network(cfg, meta, attention="sdpa"), pipeline, meta
+    network = build_network(cfg, meta, attention="sdpa")
     state = read_model_state(ckpt)
     missing, unexpected = network.load_state_dict({name.removeprefix("model."): t for name, t in state.items()},
                                                   strict=False)

@@ -15,6 +15,8 @@ from composer.core import State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
+from rafale.runs import read_metrics
+
 
 class JsonlLogger(LoggerDestination):
     """Appends `{"step": N, "<metric>": value, ...}` per step to a JSONL file (rank 0 only).
@@ -41,10 +43,10 @@ class JsonlLogger(LoggerDestination):
         if dist.get_global_rank() != 0 or not self.path.exists():
             return
         resumed_at = self.step = int(state.timestamp.batch)
-        kept = [line for line in self.path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= resumed_at]
+        # read_metrics drops a torn last line (a kill or a full disk mid-write) along with the redone steps
+        kept = [record for record in read_metrics(self.path) if record["step"] <= resumed_at]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
         os.replace(tmp, self.path)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:

@@ -17,7 +17,10 @@ TOKENIZERS_DIR = ASSETS_DIR / "tokenizers"
 
 
 def rafale_home() -> Path:
-    return Path(os.environ.get("RAFALE_HOME", Path.home() / ".rafale_cache")).expanduser()
+    home = os.environ.get("RAFALE_HOME")
+    if home is not None and not home.strip():  # Path("") is the working directory
+        raise UserError("RAFALE_HOME is empty; unset it (for ~/.rafale_cache) or set it to a directory")
+    return Path(home if home is not None else Path.home() / ".rafale_cache").expanduser()
 
 
 def data_cache_dir() -> Path:

@@ -17,15 +17,29 @@ from rafale.signals import SIGNALS, noted_outside_training
 
 
 class Preemption(Callback):
+    """Also Ctrl-C (SIGINT), the same way: the first one stops the run at the next step boundary with a
+    checkpoint (`interrupted`, the CLI exits 130); a second one quits at once (KeyboardInterrupt),
+    keeping the last checkpoint. It replaces Composer's SIGINT handler, which exits 130 mid-step."""
+
     def __init__(self):
         self.requested = False  # a signal arrived in this process
         self.stopping = False  # all ranks agreed to stop after this step
+        self.interrupted = False  # the signal was Ctrl-C
         self._previous = {}
 
     def install(self) -> None:
         self.requested = self.requested or noted_outside_training()
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
+
+    def _on_interrupt(self, signum, frame) -> None:
+        if self.interrupted:
+            print("\nrafale: Ctrl-C again: quitting at once (the last checkpoint is kept)", flush=True)
+            raise KeyboardInterrupt
+        self.requested = self.interrupted = True
+        print("\nrafale: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again quits at once)",
+              flush=True)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():

@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import time
+import zipfile
 from pathlib import Path
 
 from rafale.errors import UserError
@@ -33,10 +34,13 @@ _CKPT_RE = re.compile(r"^ep(\d+)-ba(\d+)(-rank\d+\.pt)?$")  # a file, or a direc
 
 
 def read_status(run_dir: Path) -> dict:
+    """status.json's fields; {} when it is missing or damaged (not a JSON object): such a run reads as
+    `new` and the next train resumes it from its checkpoints."""
     try:
-        return json.loads((run_dir / STATUS_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        status = json.loads((run_dir / STATUS_FILE).read_bytes())
+    except (FileNotFoundError, ValueError):  # ValueError: not JSON, or not UTF-8
         return {}
+    return status if isinstance(status, dict) else {}
 
 
 def write_status(run_dir: Path, **fields) -> None:
@@ -60,9 +64,12 @@ def _process_alive(pid: int) -> bool:
 def effective_status(status: dict) -> str:
     """'running' is only true while its process lives; a killed run reads as 'interrupted'."""
     state = status.get("status", "new")
+    if not isinstance(state, str):
+        return "new"
     if state == "running":
         same_host = status.get("host") == socket.gethostname()
-        if same_host and not _process_alive(status.get("pid", -1)):
+        pid = status.get("pid")
+        if same_host and not (isinstance(pid, int) and pid > 0 and _process_alive(pid)):
             return "interrupted"
     return state
 
@@ -70,6 +77,41 @@ def effective_status(status: dict) -> str:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     link = run_dir / CHECKPOINTS / LATEST
     return link.resolve() if link.exists() else None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be read back (truncated, not a checkpoint), or None. torch.save writes a
+    zip archive with its directory at the end, so a cut-short file fails to open as one; this reads
+    only that directory (milliseconds, whatever the size). FSDP shard directories are left to
+    torch.distributed.checkpoint."""
+    if ckpt.is_dir():
+        return None
+    try:
+        with zipfile.ZipFile(ckpt) as archive:
+            size = ckpt.stat().st_size
+            if any(i.header_offset + i.compress_size > size for i in archive.infolist()):
+                return "truncated"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return " ".join(str(e).split()) or type(e).__name__
+    return None
+
+
+def drop_damaged_latest(run_dir: Path) -> list[str]:
+    """Deletes a `latest` checkpoint that cannot be read back (a kill or a full disk mid-write on a
+    filesystem that reordered the writes) and points `latest` at the newest good one before it, so
+    autoresume resumes from there. Returns what it did, one line each."""
+    said = []
+    while (latest := latest_checkpoint(run_dir)) is not None and (problem := checkpoint_problem(latest)):
+        link = run_dir / CHECKPOINTS / LATEST
+        shutil.rmtree(latest) if latest.is_dir() else latest.unlink()
+        link.unlink()
+        earlier = sorted((int(m.group(2)), p) for p in latest.parent.glob("ep*-ba*")
+                         if (m := _CKPT_RE.match(p.name)))
+        if earlier:
+            link.symlink_to(earlier[-1][1].name)  # relative, as Composer makes it
+        said.append(f"checkpoint {latest.name} is damaged ({problem}); resuming from "
+                    f"{earlier[-1][1].name if earlier else 'the start'}")
+    return said
 
 
 def discard_unfinished_checkpoints(run_dir: Path) -> list[Path]:
@@ -129,11 +171,25 @@ def last_metrics(run_dir: Path) -> dict:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return {}
-    for line in reversed(path.read_text().splitlines()):
-        record = json.loads(line)
+    for record in read_metrics(path, reverse=True):
         if "loss/train/total" in record:
             return record
     return {}
+
+
+def read_metrics(path: Path, reverse: bool = False) -> list[dict]:
+    """metrics.jsonl's records; a line that does not parse (one a full disk or a kill cut short) is
+    skipped: it never blocks a resume or a listing."""
+    records = []
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(lines) if reverse else lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
 class Run:
@@ -171,10 +227,17 @@ class Run:
         if ckpt is None:
             raise UserError(f"{where} {self.path}: no checkpoint yet; train longer than train.save_interval "
                             f"({self.config.train.save_interval}) or until the run completes")
+        if problem := checkpoint_problem(ckpt):
+            raise UserError(damaged_checkpoint(ckpt, problem))
         return ckpt
 
     def last_metrics(self) -> dict:
         return last_metrics(self.path)
+
+
+def damaged_checkpoint(ckpt: Path, problem: str) -> str:
+    return (f"checkpoint {ckpt} is damaged ({problem}); `rafale train` with the run's config resumes it "
+            f"from the last good checkpoint")
 
 
 def list_runs() -> list[dict]:

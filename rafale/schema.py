@@ -48,7 +48,8 @@ def _type_name(tp) -> str:
         return f"a list of {_type_name(args[0])}"
     if tp is components.Component:
         return "a mapping with a 'class' key"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            dict: "a mapping"}.get(tp, str(tp))
 
 
 def _convert(value, tp, key: str):

@@ -24,5 +24,11 @@ def shield() -> None:
         signal.signal(sig, _note)
 
 
+def ctrl_c_quits() -> None:
+    """Outside training Ctrl-C raises KeyboardInterrupt (Python's default), which unwinds through the
+    cache build's cleanup: importing Composer replaced it with a handler that calls sys.exit(130)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def noted_outside_training() -> bool:
     return _noted

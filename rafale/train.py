@@ -6,6 +6,7 @@
 
 import copy
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,12 +21,12 @@ from composer.utils.misc import create_interval_scheduler
 
 from rafale import patches, runs
 from rafale.build import (build_data, build_model, build_optimizer, build_scheduler, build_user_callbacks,
-                          check_components, pipeline_of)
-from rafale.config import Config, OptimSection, ScheduleSection, save_config
+                          check_attention, check_components, pipeline_of)
+from rafale.config import Config, ModelSection, OptimSection, ScheduleSection, save_config
 from rafale.data.cache import PreparedData
-from rafale.data.loaders import pipeline_loader
+from rafale.data.loaders import LossTokenSpec, pipeline_loader
 from rafale.errors import UserError
-from rafale.monitoring import build_callbacks, build_loggers, build_profiler, check_logger_packages
+from rafale.monitoring import Diverged, build_callbacks, build_loggers, build_profiler, check_logger_packages
 from rafale.preemption import Preemption
 
 
@@ -134,17 +135,22 @@ def checkpoint_to_load(cfg: Config) -> dict:
     return {"load_path": str(path)}
 
 
+def check_enough_data(cfg: Config, data: PreparedData) -> None:
+    """One full batch per process at least (the loaders drop the last partial one)."""
+    if len(data.train) < per_device_batch_size(cfg) * dist.get_world_size():
+        raise UserError(f"train.global_batch_size ({cfg.train.global_batch_size}) is larger than the "
+                        f"{len(data.train)} training blocks; lower it or add data")
+
+
 def build_trainer(cfg: Config, model, data: PreparedData, run_dir: Path | None,
                   extra_callbacks: list[Callback] = ()) -> Trainer:
     """`run_dir=None` is a throwaway run (DEBUG=1): no checkpoints, no metrics file, no resume."""
     t = cfg.train
     batch_size = per_device_batch_size(cfg)
     pipeline = pipeline_of(cfg)
+    check_enough_data(cfg, data)
     train_loader = pipeline_loader(pipeline, data.train, data.meta, batch_size=batch_size, shuffle=True,
                                    seed=cfg.run.seed, drop_last=True)
-    if len(train_loader) == 0:
-        raise UserError(f"train.global_batch_size ({t.global_batch_size}) is larger than the "
-                        f"{len(data.train)} training blocks; lower it or add data")
     eval_loader = None
     if data.val is not None and len(data.val) and run_dir is not None:
         eval_loader = pipeline_loader(pipeline, data.val, data.meta, batch_size=batch_size, shuffle=False,
@@ -166,7 +172,8 @@ def build_trainer(cfg: Config, model, data: PreparedData, run_dir: Path | None,
                              save_num_checkpoints_to_keep=t.keep_checkpoints, **checkpoint_to_load(cfg))
     return Trainer(
         model=model,
-        train_dataloader=train_loader,
+        train_dataloader=LossTokenSpec(train_loader, pipeline),
+        accumulate_train_batch_on_tokens=True,  # the step's loss: a mean over its loss-bearing targets
         eval_dataloader=eval_loader,
         eval_interval=eval_interval if eval_loader is not None else 1,
         max_duration=t.max_duration,
@@ -212,6 +219,8 @@ def check_before_start(cfg: Config) -> None:
     checkpoint_to_load(cfg)
     check_logger_packages(cfg)
     check_components(cfg)
+    if isinstance(cfg.model, ModelSection):
+        check_attention(cfg.model.attention, resolve_precision(cfg.train.precision))
 
 
 def train(cfg: Config, force: bool = False) -> Path:
@@ -223,34 +232,40 @@ def train(cfg: Config, force: bool = False) -> Path:
     _start_distributed()
     check_before_start(cfg)
     data = build_data(cfg)
+    check_enough_data(cfg, data)
     model = build_model(cfg, data.meta)
     run_dir, why = runs.choose_run_dir(f"{cfg.run.name}-{cfg.hash()}", force)
     dist.barrier()  # every rank has decided before rank 0 marks the run as running
-    if dist.get_global_rank() == 0:
+    rank0 = dist.get_global_rank() == 0
+    if rank0:
         print(f"{why}: {run_dir}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        for line in runs.drop_damaged_latest(run_dir):
+            print(f"rafale: {line}", file=sys.stderr, flush=True)
         runs.discard_unfinished_checkpoints(run_dir)
         runs.mark_started(run_dir, cfg.hash())
+        runs.write_status(run_dir, data=data.path.name)  # `rafale eval` tells when the data changed since
     dist.barrier()
     preemption = Preemption()
-    trainer = build_trainer(cfg, model, data, run_dir, extra_callbacks=[preemption])
-    preemption.install()
-    rank0 = dist.get_global_rank() == 0
     try:
-        trainer.fit()
-    except KeyboardInterrupt:
-        if rank0:
-            runs.mark_ended(run_dir, "interrupted")
-        raise
+        trainer = build_trainer(cfg, model, data, run_dir, extra_callbacks=[preemption])
+        preemption.install()
+        try:
+            if not _already_done(trainer.state):
+                trainer.fit()
+        finally:
+            preemption.uninstall()
+            trainer.close()
     except BaseException as e:
         if rank0:
-            runs.mark_ended(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+            _mark_stopped(run_dir, e)
         raise
-    finally:
-        preemption.uninstall()
-        trainer.close()
     steps = int(trainer.state.timestamp.batch)
+    if preemption.stopping and preemption.interrupted:  # Ctrl-C: stopped at a step boundary, checkpointed
+        if rank0:
+            runs.mark_ended(run_dir, "interrupted", steps=steps)
+        raise KeyboardInterrupt
     if preemption.stopping:
         if rank0:
             runs.mark_ended(run_dir, "preempted", steps=steps)
@@ -259,6 +274,26 @@ def train(cfg: Config, force: bool = False) -> Path:
     if rank0:
         runs.mark_ended(run_dir, "completed", steps=steps)
     return run_dir
+
+
+def _already_done(state: State) -> bool:
+    """Autoresume loaded the final checkpoint: the run ended before its status could say so (a kill
+    after the last save, a damaged status.json). Composer's fit would refuse with a ValueError."""
+    done = state.max_duration
+    return done is not None and done <= state.timestamp.get(done.unit)
+
+
+def _mark_stopped(run_dir: Path, e: BaseException) -> None:
+    """status.json after training raised: interrupted (Ctrl-C) or failed, and no checkpoint left that
+    a full disk or the exception cut short. Never masks `e`: on a full disk the status may not be
+    writable, and the run then reads as interrupted (its process is gone)."""
+    interrupted = isinstance(e, KeyboardInterrupt) or isinstance(e, SystemExit) and e.code == 130
+    try:
+        runs.discard_unfinished_checkpoints(run_dir)
+        runs.mark_ended(run_dir, "interrupted" if interrupted else "failed",
+                        error=None if interrupted else " ".join(f"{type(e).__name__}: {e}".split())[:500])
+    except OSError:
+        pass
 
 
 def prepare(cfg: Config) -> PreparedData:
@@ -299,8 +334,12 @@ def debug_overfit(cfg: Config, fit_ratio: float = 0.2) -> bool:
     history = _LossHistory()
     model = build_model(cfg, data.meta)
     trainer = build_trainer(dbg, model, one_batch, run_dir=None, extra_callbacks=[history])
-    trainer.fit()
-    trainer.close()
+    try:
+        trainer.fit()
+    except Diverged as e:  # its advice names the training keys; here the debug ones are in force
+        raise Diverged(str(e).replace("optim.lr", "debug.lr")) from None
+    finally:
+        trainer.close()
     first, last = history.losses[0], history.losses[-1]
     fitted = last < fit_ratio * first
     print(f"debug: one batch of {n}x{cfg.data.max_seq_len} tokens, {cfg.debug.steps} steps: "

@@ -24,7 +24,8 @@ from test.conftest import REPO, run_cli
 # hash on purpose and updates this table; any other change must leave it alone, or interrupted runs
 # stop resuming.
 BUNDLED_HASHES = {"pythia-tinyshakespeare": "49e7af7a", "llama-tinystories": "03af41f0", "bert-sst2": "1374bdd2",
-                  "bert-wikitext-mlm": "a0072737", "roberta-imdb": "f50503eb", "smollm2-sft": "5b6eaea3"}
+                  "bert-wikitext-mlm": "a0072737", "roberta-imdb": "f50503eb", "llama-tinystories-mix": "924afc40",
+                  "smollm2-sft": "5b6eaea3"}
 
 TINY_MODEL = '''
 import torch

@@ -169,3 +169,29 @@ def test_bad_input_is_a_user_error(tmp_path, capsys):
     assert cli.main(["tokenizer", "train", sources[0], "--vocab-size", "100", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rafale: error: --vocab-size 100 is too small") and err.count("\n") == 1
+
+
+def test_every_corpus_format_trains_the_same_file(tmp_path):
+    import gzip
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stories = [s.strip() for s in STORIES.read_text(encoding="utf-8").split(EOT)[:80]]
+    rows = [d for pair in zip(stories, NON_ASCII * 9) for d in pair]
+    lines = "".join(json.dumps({"id": i, "body": r}, ensure_ascii=False) + "\n" for i, r in enumerate(rows))
+    (tmp_path / "c.jsonl").write_text(lines, encoding="utf-8")
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(lines.encode("utf-8")))
+    with pa.output_stream(str(tmp_path / "c.jsonl.zst")) as f:  # zstandard, from the suffix
+        f.write(lines.encode("utf-8"))
+    table = pa.table({"id": list(range(len(rows))), "body": rows})
+    pq.write_table(table, tmp_path / "c.parquet", row_group_size=13)
+    with pa.ipc.new_file(str(tmp_path / "c.arrow"), table.schema) as w:
+        w.write_table(table, max_chunksize=17)
+    datasets.Dataset.from_dict({"body": rows}).save_to_disk(str(tmp_path / "saved"))
+    files = {name: train_tokenizer([str(tmp_path / name)], 600, text_field="body", out=tmp_path / f"{name}.tok.json")
+             .read_bytes() for name in ("c.jsonl", "c.jsonl.gz", "c.jsonl.zst", "c.parquet", "c.arrow", "saved")}
+    assert len(set(files.values())) == 1
+    tok = Tokenizer.from_str(files["saved"].decode())
+    assert all(tok.decode(tok.encode(r).ids, skip_special_tokens=False) == r for r in rows)

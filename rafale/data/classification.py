@@ -6,8 +6,9 @@ macro F1 and (in `rafale eval`) a confusion matrix.
     files: .jsonl (one JSON object per line), .csv, .tsv (header row; no quoting, as GLUE), .parquet;
       a file, a list, or a directory of them
       -> rows: `text_field`, optional `text_pair_field`, `label_field`
-      -> labels: all integers (or digit strings, as TSV gives them): the label IS the class id, and the
-         label names are "0" .. "max"; otherwise names, sorted, and the class id is the position
+      -> labels: all integers (or digit strings, as TSV gives them): the label IS the class id (0..K-1,
+         none missing), and the label names are "0" .. "max"; otherwise names, sorted, and the class
+         id is the position (one kind for all labels: a mix is refused)
       -> train / val: explicit val files, or the LAST `val_fraction` of the rows
 
 Stored ragged: <split>_ids (all token ids, concatenated), <split>_offsets (n + 1), <split>_labels (n),
@@ -111,9 +112,20 @@ def label_ids(train: list, val: list, key_prefix: str) -> tuple[list[str], np.nd
     """(label names, train ids, val ids): integer labels are class ids themselves, others are names
     numbered in sorted order."""
     every = train + val
-    if all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and INT_LABEL.match(v)
-           for v in every):
+    kinds = {"integer" if isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and INT_LABEL.match(v)
+             else type(v).__name__ for v in every}
+    if len(kinds) > 1:  # 0, "pos", 1.0 and True would silently be four classes
+        raise UserError(f"{key_prefix}.label_field: the labels mix {', '.join(sorted(kinds))} values; give every "
+                        f"label as a class id (0, 1, ...) or every label as a name")
+    if kinds == {"integer"}:
         ids = [int(v) for v in every]
+        if min(ids) < 0:
+            raise UserError(f"{key_prefix}.label_field: negative label {min(ids)}; integer labels are class ids "
+                            f"0..K-1, renumber them or give names")
+        missing = sorted(set(range(max(ids) + 1)) - set(ids))
+        if missing:  # 0 and 2000000 would make 2,000,001 classes
+            raise UserError(f"{key_prefix}.label_field: integer labels are class ids 0..K-1 and {len(missing):,} of "
+                            f"0..{max(ids)} never occur (first {missing[0]}); renumber them or give names")
         names = [str(i) for i in range(max(ids) + 1)]
     else:
         names = sorted({str(v) for v in train})

@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+from composer.core import DataSpec
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset
 
@@ -25,6 +26,22 @@ class BlockDataset(Dataset):
         return {"input_ids": torch.from_numpy(self.blocks[i].astype(np.int64))}
 
 
+class PackedBlockDataset(Dataset):
+    """Row i of a PackedBlocks (data/causal_lm.py) as {"input_ids": LongTensor(T), "documents": LongTensor(T)},
+    documents being each token's document index in the block."""
+
+    def __init__(self, packed):
+        self.packed = packed
+        self.max_seq_len = packed.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, documents = self.packed[i]
+        return {"input_ids": torch.from_numpy(ids.astype(np.int64)), "documents": torch.from_numpy(documents)}
+
+
 def build_dataloader(dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
                      collator=None) -> DataLoader:
     """`batch_size` is per device. The sampler is Composer's DistributedSampler: each rank reads its
@@ -43,3 +60,20 @@ def pipeline_loader(pipeline, rows, meta: dict, batch_size: int, shuffle: bool, 
     """A DataLoader over one split of a pipeline's prepared data."""
     return build_dataloader(pipeline.dataset(rows), batch_size, shuffle, seed, drop_last,
                             collator=pipeline.collator(meta, seed))
+
+
+class LossTokenSpec(DataSpec):
+    """A train loader that tells Composer how many loss-bearing targets a (micro-)batch holds, from its
+    pipeline's `loss_tokens`; with the Trainer's accumulate_train_batch_on_tokens, a step's loss is the
+    mean over the step's loss-bearing targets, whatever the micro-batch size. "total" tokens (Composer's
+    token count, `tok` durations, tokens/s) stay Composer's default count."""
+
+    def __init__(self, dataloader, pipeline):
+        super().__init__(dataloader)
+        self.pipeline = pipeline
+
+    def get_num_tokens_in_batch(self, batch, token_type: str = "total") -> int:
+        if token_type == "loss_generating":
+            n = self.pipeline.loss_tokens(batch)
+            return self.get_num_samples_in_batch(batch) if n is None else n
+        return super().get_num_tokens_in_batch(batch, token_type)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import copy
 import hashlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 
-from rafale.data import cache, tokenize
+from rafale.data import cache, mixture, tokenize
 from rafale.data.pipeline import IGNORE_INDEX, DataSection, Pipeline
 from rafale.errors import UserError
 from rafale.schema import results
@@ -29,7 +29,9 @@ from rafale.schema import results
 
 @dataclass
 class MLMData(DataSection):
+    mixes: ClassVar[bool] = True  # data.train may be a mixture (data/mixture.py)
     doc_separator: Optional[str] = results(None)  # split files into documents at this string
+    text_field: str = results("text", added=True)  # the column holding the text in row formats (.jsonl, .parquet, ...)
     mlm_probability: float = results(0.15)  # share of tokens masked per block (80% [MASK], 10% random, 10% kept)
 
     def problems(self) -> list[str]:
@@ -54,7 +56,7 @@ def frame(stream: np.ndarray, max_seq_len: int, cls_id: int, sep_id: int) -> np.
 
 def prepare_mlm(train: str | list[str], tokenizer: str, max_seq_len: int, val: str | list[str] | None = None,
                 val_fraction: float = 0.05, doc_separator: str | None = None,
-                key_prefix: str = "data") -> cache.PreparedData:
+                key_prefix: str = "data", text_field: str = "text") -> cache.PreparedData:
     """The masked-LM blocks for these sources, from the cache or built now."""
     if max_seq_len < 3:
         raise UserError(f"{key_prefix}.max_seq_len: must be at least 3 (a block holds [CLS], text and [SEP]), "
@@ -71,7 +73,8 @@ def prepare_mlm(train: str | list[str], tokenizer: str, max_seq_len: int, val: s
             if not inputs.paths[split]:
                 continue
             key = f"{key_prefix}.{split}"
-            stream, n_docs = tokenize.tokenize_files(inputs.paths[split], tok, sep_id, doc_separator, dtype, key)
+            stream, n_docs = tokenize.tokenize_files(inputs.paths[split], tok, sep_id, doc_separator, dtype, key,
+                                                     text_field)
             if n_docs == 0:
                 raise UserError(f"{key}: its {len(inputs.paths[split])} file(s) hold no text (empty or only "
                                 f"whitespace); point it at text files")
@@ -92,8 +95,11 @@ def prepare_mlm(train: str | list[str], tokenizer: str, max_seq_len: int, val: s
                 "dtype": np.dtype(dtype).name, "stats": stats}
         return splits, meta
 
+    options = {"doc_separator": doc_separator}
+    if text_field != "text":  # entries made before text_field existed keep their key
+        options["text_field"] = text_field
     path, arrays, meta, hit = cache.prepare_entry(MaskedLM.name, train, val, tokenizer, max_seq_len, val_fraction,
-                                                  {"doc_separator": doc_separator}, build, key_prefix)
+                                                  options, build, key_prefix)
     return cache.PreparedData(path=path, train=arrays["train"], val=arrays["val"] if len(arrays["val"]) else None,
                               meta=meta, hit=hit)
 
@@ -161,8 +167,13 @@ class MaskedLM(Pipeline):
 
     def prepare(self) -> cache.PreparedData:
         d = self.data
-        return prepare_mlm(d.train, d.tokenizer, d.max_seq_len, val=d.val, val_fraction=d.val_fraction,
-                           doc_separator=d.doc_separator)
+
+        def one(train, text_field, val, val_fraction):
+            return prepare_mlm(train, d.tokenizer, d.max_seq_len, val=val, val_fraction=val_fraction,
+                               doc_separator=d.doc_separator, text_field=text_field)
+
+        return mixture.prepare(d, one) if mixture.is_mixture(d.train) else one(d.train, d.text_field, d.val,
+                                                                                d.val_fraction)
 
     def collator(self, meta: dict, seed: int) -> MLMCollator:
         return MLMCollator(meta["special"]["mask"][1], meta["vocab_size"], meta["special_ids"],
@@ -172,6 +183,9 @@ class MaskedLM(Pipeline):
     def targets(batch: dict):
         labels = batch["labels"]
         return labels[labels != IGNORE_INDEX]  # (N,), in the order of forward's logits
+
+    def loss_tokens(self, batch: dict) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def forward(self, network, batch: dict, training: bool):
         """Logits (N, V) at the N positions with a label (the masked ones): the head's (V x C) matmul runs

@@ -11,6 +11,9 @@ training data and its objective.
     callbacks()    Composer callbacks its objective needs in training (preference.py's reference pass)
     forward / loss / eval_forward / metrics / update_metric / flops     the objective, which the one
                    ComposerModel (rafale/task_model.py) calls
+    loss_tokens()  how many targets of a batch carry loss: a step's loss is the mean over the step's
+                   loss-bearing targets whatever the micro-batch split (data/loaders.py, train.py)
+    check_network()             refuses, before training, a network the pipeline cannot drive
     progress, eval_extras()     what the progress line and `rafale eval` report
     export_tokens()             the special tokens `rafale export` writes
 
@@ -41,8 +44,10 @@ BUILTIN = {
 @dataclass
 class DataSection:
     """The data keys every pipeline reads."""
+    mixes: ClassVar[bool] = False  # whether data.train may be a {path, weight} mixture (data/mixture.py)
     pipeline: str = results("causal_lm")  # a registered name, or an import path to a Pipeline subclass
-    train: Union[str, list[str]] = results("tinyshakespeare/input.txt")
+    # a file, a directory, a list of them, or (pipelines that mix) a list of {path, weight, ...}
+    train: Union[str, list[Union[str, dict]]] = results("tinyshakespeare/input.txt")
     # explicit validation sources; else the last val_fraction of the training data
     val: Union[str, list[str], None] = results(None)
     val_fraction: float = results(0.05)
@@ -56,7 +61,9 @@ class DataSection:
             problems.append(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
         if self.max_seq_len <= 0:
             problems.append(f"data.max_seq_len: must be > 0, got {self.max_seq_len}")
-        return problems
+        from rafale.data import mixture
+
+        return problems + mixture.problems(self.train, self, self.mixes)
 
 
 class Pipeline:
@@ -78,8 +85,13 @@ class Pipeline:
     def report(self, prepared) -> str:
         """What `rafale prepare` prints after the entry's path: counts of what is in it."""
         s = prepared.meta["stats"]
-        return (f"{s['documents']:,} documents, {s['tokens']:,} tokens, {s['train_blocks']:,} train + "
+        line = (f"{s['documents']:,} documents, {s['tokens']:,} tokens, {s['train_blocks']:,} train + "
                 f"{s['val_blocks']:,} val blocks of {self.data.max_seq_len} tokens")
+        if "mixture" in prepared.meta:
+            from rafale.data import mixture
+
+            line += "\n  " + mixture.report(prepared.meta).replace("\n", "\n  ")
+        return line
 
     def model_meta(self) -> dict:
         """What building the network needs from the data (vocab_size, special tokens, labels), for
@@ -101,8 +113,19 @@ class Pipeline:
         return []
 
     # --- the objective (see rafale/task_model.py) ---
+    def check_network(self, network) -> None:
+        """A UserError when this section's settings need something `network` lacks."""
+
     def forward(self, network, batch: dict, training: bool):
         raise NotImplementedError
+
+    def loss_tokens(self, batch: dict) -> int | None:
+        """The number of targets in `batch` that `loss` averages over; None (the default): one per sample,
+        for a loss averaged over the samples. Composer weighs each micro-batch's loss by its share of the
+        step's count (accumulate_train_batch_on_tokens, data/loaders.py), so the step's loss is the mean
+        over all of them however the batch is split. `loss` must then be that mean (0, not NaN, when the
+        count is 0)."""
+        return None
 
     def loss(self, outputs, batch: dict):
         raise NotImplementedError

@@ -88,7 +88,7 @@ def iter_text_batches(path: Path, text_field: str, key: str, batch_rows: int = B
         raise UserError(f"{key}: {path} is not a file or a directory written by datasets' save_to_disk")
     suffix = _check_suffix(path, key)
     if suffix == ".txt":
-        return _txt(path, key)
+        return txt_pieces(path, key)
     if suffix in CODECS:
         return _jsonl(path, CODECS[suffix], text_field, key, batch_rows)
     return (_parquet if suffix == ".parquet" else _arrow)(path, text_field, key, batch_rows)
@@ -102,7 +102,8 @@ def _check_suffix(path: Path, key: str) -> str:
     return suffix
 
 
-def _txt(path: Path, key: str) -> Iterator[list[str]]:
+def txt_pieces(path: Path, key: str) -> Iterator[list[str]]:
+    """A text file's pieces (see the module docstring), whatever its suffix."""
     # newline="" keeps "\r\n" as it is, so the pieces join to exactly path.read_bytes().decode().
     try:
         with open(path, encoding="utf-8", newline="") as f:

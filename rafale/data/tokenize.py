@@ -9,10 +9,12 @@ It imports no torch.
 import itertools
 import re
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from rafale.data import sources
 from rafale.errors import UserError
 from rafale.paths import resolve_data_path
 
@@ -24,8 +26,9 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]")
 # pieces gained nothing, 16 KB+ pieces were slower.
 PIECE_CHARS = 4096
 # Text handed to one encode_batch call: bounds the memory held by Encoding objects (each keeps
-# token strings and masks besides the ids) to a few hundred MB.
-BATCH_CHARS = 8 << 20
+# token strings and masks besides the ids), and the wait for a Ctrl-C, which Python handles only
+# between two calls (1 MiB: ~0.2 s on 2 cores).
+BATCH_CHARS = 1 << 20
 
 # Safe cuts: (a) before a space that follows a non-space, (b) after a newline that has non-spaces on
 # both sides. With the GPT-2 and Llama-3 pre-tokenizer regexes (byte-level BPE: GPT-2, NeoX,
@@ -45,8 +48,21 @@ PROBE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n'Tis so
          " \n It 's 12345 km ( 24 in ) .\tTab\n")
 
 
-def load_tokenizer(tokenizer_json: str) -> Tokenizer:
-    tok = Tokenizer.from_str(tokenizer_json)
+def load_tokenizer(tokenizer_json: str | bytes, where: str = "data.tokenizer") -> Tokenizer:
+    """A tokenizer.json's text as a Tokenizer; a UserError naming `where` (the key and file) when the
+    file is not a tokenizer or gives ids its vocabulary does not count (they would index past the
+    model's embedding)."""
+    try:
+        text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
+        tok = Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception for every malformed file
+        raise UserError(f"{where} is not a valid tokenizer.json ({' '.join(str(e).split())[:120]}); point it "
+                        f"at a tokenizer.json saved by `tokenizers` or transformers") from None
+    size, (token, top) = tok.get_vocab_size(with_added_tokens=True), max(
+        tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+    if top >= size:
+        raise UserError(f"{where}: token {token!r} has id {top}, past the {size:,} tokens of its vocabulary; "
+                        f"renumber the vocabulary from 0 without gaps")
     # Some tokenizer.json files carry truncation/padding (bert-base-uncased: 128); here they would
     # silently cut every piece of text, so both are switched off.
     tok.no_truncation()
@@ -55,16 +71,19 @@ def load_tokenizer(tokenizer_json: str) -> Tokenizer:
 
 
 def list_sources(spec: str | list[str], key: str) -> list[Path]:
-    """Config source(s) -> files in order: a list keeps its order, a directory is walked sorted."""
+    """Config source(s) -> sources in order: a list keeps its order, a directory is walked sorted (a
+    `datasets.save_to_disk` directory, named or found inside, is one source)."""
     files = []
     for item in [spec] if isinstance(spec, str) else spec:
+        if not isinstance(item, str):
+            raise UserError(f"{key}: {item!r} is not a path; a {{path, weight}} source belongs to a mixture, "
+                            f"which this pipeline does not read")
         path = resolve_data_path(item, key)
-        if path.is_file():
+        if path.is_file() or sources.is_dataset_dir(path):
             files.append(path)
             continue
         # Hidden files (.DS_Store, .gitkeep, editor swap files) are never corpus text.
-        found = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        found = sorted(p for p in _walk(path) if not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not found:
             raise UserError(f"{key}: directory '{item}' ({path}) holds no files; put text files in it "
                             f"or point {key} at files")
@@ -72,6 +91,14 @@ def list_sources(spec: str | list[str], key: str) -> list[Path]:
     if not files:
         raise UserError(f"{key}: no files given; set it to a file, a list of files or a directory")
     return files
+
+
+def _walk(folder: Path):
+    for entry in folder.iterdir():
+        if entry.is_dir() and not sources.is_dataset_dir(entry):
+            yield from _walk(entry)
+        elif entry.is_file() or entry.is_dir():
+            yield entry
 
 
 def resolve_eos(tok: Tokenizer, eos_token: str | None, tokenizer_path: Path, key_prefix: str) -> tuple[str, int]:
@@ -144,10 +171,81 @@ def cutting_is_exact(tok: Tokenizer, sample: str) -> bool:
     return whole == [i for e in pieces for i in e.ids]
 
 
+def iter_records(path: Path, text_field: str, key: str) -> Iterator[tuple[str, bool]]:
+    """(text, last) pairs of one source: each row of a row format (.jsonl, .parquet, .arrow, save_to_disk)
+    whole, a text file (.txt, or any other suffix, read as text) as one record in bounded pieces."""
+    if sources.is_dataset_dir(path) or sources.suffix_of(path) not in (None, ".txt"):
+        for batch in sources.iter_text_batches(path, text_field, key):
+            for row in batch:
+                yield row, True
+        return
+    previous = None
+    for (piece,) in sources.txt_pieces(path, key):
+        if previous is not None:
+            yield previous, False
+        previous = piece
+    yield previous or "", True
+
+
+class _Stripped:
+    """One document's text as it arrives, stripped at both ends like str.strip(), without holding it whole:
+    leading whitespace is dropped, trailing whitespace held back until more text follows it."""
+
+    def __init__(self):
+        self.started, self.held = False, ""
+
+    def add(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+        body = text.rstrip()
+        if not body:
+            self.held += text
+            return ""
+        out, self.held = self.held + body, text[len(body):]
+        return out
+
+
+def iter_documents(paths: list[Path], text_field: str, doc_separator: str | None,
+                   key: str) -> Iterator[tuple[str, bool]]:
+    """Every document of these sources as (fragment, last) pairs, the text of one document being its
+    fragments joined up to the one with last=True. A record (a row, or a text file) is split into
+    documents at `doc_separator`; each is stripped and empty ones are dropped (split_documents). Memory
+    is bounded by a text file's piece (sources.TXT_PIECE_CHARS), never a whole file."""
+    keep = len(doc_separator) - 1 if doc_separator else 0  # a separator may straddle two pieces
+    for path in paths:
+        pending, doc = "", _Stripped()
+        for text, last in iter_records(path, text_field, key):
+            parts = (pending + text).split(doc_separator) if doc_separator else [text]
+            for part in parts[:-1]:
+                out = doc.add(part)
+                if doc.started:
+                    yield out, True
+                doc = _Stripped()
+            tail = parts[-1]
+            if last:
+                out = doc.add(tail)
+                if doc.started:
+                    yield out, True
+                pending, doc = "", _Stripped()
+                continue
+            cut = max(0, len(tail) - keep)
+            pending = tail[cut:]
+            if out := doc.add(tail[:cut]):
+                yield out, False
+
+
 def tokenize_files(paths: list[Path], tok: Tokenizer, eos_id: int, doc_separator: str | None,
-                   dtype: type, key: str) -> tuple[np.ndarray, int]:
-    """Every document's ids followed by `eos_id`, as one array. Returns (stream, n_documents)."""
+                   dtype: type, key: str, text_field: str = "text") -> tuple[np.ndarray, int]:
+    """Every document's ids followed by `eos_id`, as one array. Returns (stream, n_documents).
+
+    A document arriving in fragments (a large text file) is tokenized as its text joined would be: each
+    fragment is cut at SAFE_CUT points and only the part after the last cut waits for the next one (or,
+    for a tokenizer that cutting would change, the whole document waits)."""
     arrays, batch, ends, n_chars, n_docs, cut = [], [], [], 0, 0, None
+    carry = ""
 
     def flush():
         # encode_batch_fast skips the character offsets that encode_batch computes and we never use.
@@ -158,22 +256,39 @@ def tokenize_files(paths: list[Path], tok: Tokenizer, eos_id: int, doc_separator
         batch.clear()
         ends.clear()
 
-    for path in paths:
-        for doc in split_documents(read_text(path, key), doc_separator):
-            if cut is None:
-                cut = cutting_is_exact(tok, doc[:PIECE_CHARS])
-            # A tokenizer that cutting would change still parallelises over documents, not within.
-            pieces = split_pieces(doc) if cut else [doc]
-            batch += pieces
-            ends += [False] * (len(pieces) - 1) + [True]
+    for fragment, last in iter_documents(paths, text_field, doc_separator, key):
+        if cut is None:
+            cut = cutting_is_exact(tok, fragment[:PIECE_CHARS])
+        carry += fragment
+        if not last and not cut:
+            continue
+        # A tokenizer that cutting would change still parallelises over documents, not within.
+        pieces = split_pieces(carry) if cut else [carry]
+        carry = "" if last else pieces.pop()
+        batch += pieces
+        ends += [False] * (len(pieces) - 1) + [last] if pieces else []
+        n_chars += sum(map(len, pieces))
+        if last:
             n_docs += 1
-            n_chars += len(doc)
-            if n_chars >= BATCH_CHARS:
-                flush()
-                n_chars = 0
+        if n_chars >= BATCH_CHARS:
+            flush()
+            n_chars = 0
     if batch:
         flush()
-    return (np.concatenate(arrays) if arrays else np.empty(0, dtype)), n_docs
+    return _joined(arrays, dtype), n_docs
+
+
+def _joined(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+    """np.concatenate(arrays), freeing each part once copied: peak memory is the result plus one part,
+    not twice the result (which for a 1 GB corpus is the difference between ~0.5 and ~1 GB)."""
+    out = np.empty(sum(len(a) for a in arrays), dtype)
+    arrays.reverse()
+    start = 0
+    while arrays:
+        part = arrays.pop()
+        out[start:start + len(part)] = part
+        start += len(part)
+    return out
 
 
 def to_blocks(stream: np.ndarray, max_seq_len: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rafale.models import attention
 from rafale.models.family import ModelError
 from rafale.models.losses import linear_cross_entropy
 
@@ -51,6 +52,7 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    attention: str = "sdpa"  # the kernel: sdpa, flex or flash (models/attention.py); same numbers up to rounding
     head_dim: int = field(init=False)
     rotary_dim: int = field(init=False)
 
@@ -66,6 +68,9 @@ class DecoderConfig:
             raise ModelError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})", "n_kv_heads")
         if self.norm not in NORMS:
             raise ModelError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}", "norm")
+        if self.attention not in attention.BACKENDS:
+            raise ModelError(f"attention must be one of {', '.join(attention.BACKENDS)}, got {self.attention!r}",
+                             "attention")
         if self.mlp not in MLPS:
             raise ModelError(f"mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}", "mlp")
         if self.d_ff is None:
@@ -189,12 +194,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                plan: attention.Plan | None = None) -> torch.Tensor:
         """x (B, T, C); cos/sin (T, rd), or (B, 1, T, rd) for per-row positions. With `kv` (this layer's
         cache buffers) the new keys/values are written at [pos, pos + T) and attention runs over
-        [0, pos + T). `mask` is a boolean "may attend" mask broadcastable to (B, nh, T, pos + T), causality
-        included; it is None exactly when plain causal masking is right: no prefix (pos == 0) or a single
-        query that sees everything before it."""
+        [0, pos + T). `plan` says which kernel attends and with what mask (models/attention.py); None is
+        SDPA's plain causal attention."""
         B, T, C = x.shape
         q, k, v = self._split_qkv(self.qkv(x))  # (B, nh, T, hs), (B, nkv, T, hs) x 2
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -203,13 +207,12 @@ class Attention(nn.Module):
             k_buf[:, :, pos:pos + T] = k
             v_buf[:, :, pos:pos + T] = v
             k, v = k_buf[:, :, :pos + T], v_buf[:, :, :pos + T]  # (B, nkv, pos+T, hs)
-        if self.n_rep > 1:
+        plan = plan or attention.Plan("sdpa")
+        if self.n_rep > 1 and plan.expands_kv:
             # SDPA's enable_gqa would skip this copy, but in torch 2.7 only its flash and math kernels
             # take it (fp32 on a GPU would fall back to math, O(T^2) memory); expanding keeps them all.
             k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
-        return self.proj(y)
+        return self.proj(attention.attend(plan, q, k, v))  # (B, T, nh*hs) -> (B, T, C)
 
 
 class MLP(nn.Module):
@@ -237,8 +240,8 @@ class Block(nn.Module):
         self.norm2 = _norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv=None, pos=0, mask=None):
-        a = self.attn(self.norm1(x), cos, sin, kv, pos, mask)
+    def forward(self, x, cos, sin, kv=None, pos=0, plan=None):
+        a = self.attn(self.norm1(x), cos, sin, kv, pos, plan)
         if self.parallel_residual:
             return x + a + self.mlp(self.norm2(x))
         x = x + a
@@ -247,11 +250,15 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
     """Token ids (B, T) -> logits (B, T, vocab_size). One module with the blocks in `self.blocks`,
-    so Composer can FSDP-wrap it as a whole and each block inside it (`fsdp_wrap_fn`)."""
+    so Composer can FSDP-wrap it as a whole and each block inside it (`fsdp_wrap_fn`).
 
-    def __init__(self, cfg: DecoderConfig):
+    With cfg.attention "flash", `flash_kernels` is the module holding flash_attn_func and
+    flash_attn_varlen_func (default: flash-attn itself, a ModelError when it cannot run here)."""
+
+    def __init__(self, cfg: DecoderConfig, flash_kernels=None):
         super().__init__()
         self.cfg = cfg
+        self.flash = (flash_kernels or attention.load_flash()) if cfg.attention == "flash" else None
         self.embed_in = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm_f = _norm(cfg)
@@ -297,7 +304,8 @@ class Decoder(nn.Module):
 
     def forward_hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                        position_ids: torch.Tensor | None = None,
-                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       attn_mask: torch.Tensor | None = None,
+                       documents: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final-norm hidden states (B, T, C), before the head. With `cache`, the
         tokens continue the cached prefix and the cache advances by T.
 
@@ -305,8 +313,16 @@ class Decoder(nn.Module):
         (B, T), each token's rotary position, and `attn_mask` (B, 1, T, cache.pos + T) bool, True where
         query i may attend key j; the caller builds causality and padding into it, and gives every query
         at least one key (a query that attends to nothing gets NaN from SDPA). Without them: positions
-        cache.pos .. cache.pos + T - 1 in every row and causal attention (SDPA's is_causal fast path)."""
+        cache.pos .. cache.pos + T - 1 in every row and causal attention (SDPA's is_causal fast path).
+
+        Packed rows (training and evaluation, no cache) pass `documents` (B, T) instead: each token's
+        document index in its row; positions restart at every document and attention stays inside it.
+        Without a cache the kernel is cfg.attention's; decoding with a cache always runs SDPA."""
         B, T = input_ids.shape
+        if documents is not None:
+            if cache is not None or position_ids is not None or attn_mask is not None:
+                raise ValueError("documents describe whole packed rows: pass them without a cache, positions or mask")
+            position_ids = attention.document_positions(documents)
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"{pos + T} positions exceed the model's max_seq_len ({self.cfg.max_seq_len})")
@@ -323,10 +339,14 @@ class Decoder(nn.Module):
             # (SDPA's is_causal aligns the triangle top-left, which is wrong once keys outnumber queries.)
             keys = torch.arange(pos + T, device=input_ids.device)
             mask = keys[None, :] <= (pos + torch.arange(T, device=input_ids.device))[:, None]  # (T, pos+T)
+        if cache is None and mask is None:
+            plan = attention.plan(self.cfg.attention, documents, T, input_ids.device, flash=self.flash)
+        else:
+            plan = attention.Plan("sdpa", sdpa_mask=mask)
         x = self.embed_in(input_ids)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = block(x, cos, sin, kv, pos, mask)
+            x = block(x, cos, sin, kv, pos, plan)
         if cache is not None:
             cache.pos += T
         return self.norm_f(x)
@@ -336,13 +356,14 @@ class Decoder(nn.Module):
         return self.embed_out(h)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                targets: torch.Tensor | None = None, response_mask: torch.Tensor | None = None):
+                targets: torch.Tensor | None = None, documents: torch.Tensor | None = None,
+                response_mask: torch.Tensor | None = None):
         """Logits (B, T, V); or, given `targets` (B, T) (-100 where none), the mean cross-entropy
         against them, with the head fused into the loss so the logits are never held whole
         (models/losses.py); or, given `response_mask` (B, T), each sequence's summed log-probability of
         its masked tokens and their count (models/preference.py `sequence_logps`). Inside forward, so
-        FSDP has the head's weight gathered either way."""
-        h = self.forward_hidden(input_ids, cache)
+        FSDP has the head's weight gathered either way. `documents`: packed rows (see forward_hidden)."""
+        h = self.forward_hidden(input_ids, cache, documents=documents)
         if targets is not None:
             return linear_cross_entropy(h, self.embed_out.weight, targets)
         if response_mask is not None:

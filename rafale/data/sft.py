@@ -209,6 +209,9 @@ class ChatSFT(CausalLM):
         return {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
                 "tokenizer": {"path": str(tok_path), "eos_token": eos, "eos_id": eos_id}}
 
+    def check_network(self, network) -> None:
+        pass  # conversations are one a row: no packed documents to check for
+
     def dataset(self, rows):
         return rows  # a Sequences: rows of {"input_ids", "loss_mask"}, padded by the collator
 

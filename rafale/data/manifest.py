@@ -82,8 +82,11 @@ def _record(manifest: Path, learned: dict) -> None:
         files = {p: r for p, r in _read(manifest).items() if os.path.exists(p)}
         files.update(learned)
         tmp = manifest.parent / f".{MANIFEST}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"files": files}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, manifest)
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"files": files}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, manifest)
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial manifest behind

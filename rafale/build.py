@@ -9,6 +9,7 @@ and `network_for` names the config key each one belongs to (model.preset, model.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from rafale.data.pipeline import Pipeline, pipeline_class
 from rafale.errors import UserError
 from rafale.models import ModelError, family_for_hf, preset, preset_names
 from rafale.models.weights import load_weights, open_weights, weight_files
+from rafale.paths import resolve_model_file
 
 # The size keys of the model section that override a preset's.
 SIZE_KEYS = ("n_layers", "n_heads", "d_model", "d_ff", "max_seq_len", "vocab_size")
@@ -83,8 +85,9 @@ def _preset_config(task: str, name: str | None, overrides: dict, where: str):
         raise UserError(f"{key}: {e}") from None
 
 
-def _imported_config(task: str, hf_dir: Path, overrides: dict, where: str):
-    hf = _read_hf_config(hf_dir, f"{where} {hf_dir}")
+def _imported_config(task: str, hf_dir: Path, overrides: dict, where: str, hf: dict | None = None):
+    """(family, network config) of an HF directory's config.json (or of `hf`, a GGUF file's)."""
+    hf = hf if hf is not None else _read_hf_config(hf_dir, f"{where} {hf_dir}")
     try:
         family, _ = family_for_hf(hf, task)
         cfg = family.config_from_hf(hf)
@@ -114,8 +117,17 @@ def network_for(task: str, preset_name: str | None = None, init_from: str | None
     default device (torch.device("meta") for a skeleton: names and shapes only). `attention` is the
     decoder's kernel (model.attention)."""
     overrides = overrides or {}
-    path = Path(init_from).expanduser() if init_from is not None else None
-    if path is not None and path.is_dir():
+    path = resolve_model_file(init_from, where) if init_from is not None else None
+    gguf = None
+    if path is not None and path.suffix == ".gguf":
+        from rafale.models.gguf import read_gguf
+
+        try:
+            gguf = read_gguf(path)
+        except ModelError as e:
+            raise UserError(f"{where}: {e}") from None
+        family, cfg = _imported_config(task, path, overrides, where, hf=gguf.config)
+    elif path is not None and path.is_dir():
         family, cfg = _imported_config(task, path, overrides, where)
     else:
         if path is not None:
@@ -144,7 +156,9 @@ def network_for(task: str, preset_name: str | None = None, init_from: str | None
                         f"{cfg.pad_token_id}; {encoder_hint}")
     try:
         network = family.build(cfg, task, num_labels=len(labels) if labels is not None else None)
-        if path is not None:
+        if gguf is not None:
+            fresh = load_weights(network, family, task, gguf, describe=str(path))
+        elif path is not None:
             with open_weights(path) as weights:
                 fresh = load_weights(network, family, task, weights, describe=str(path))
             if fresh and next(network.parameters()).device.type != "meta":
@@ -185,6 +199,8 @@ def build_network(cfg: Config, meta: dict, task: str | None = None, attention: s
             task, m.preset, m.init_from, sizes,
             vocab_size=meta["vocab_size"], pad_id=special["pad"][1] if task != "causal_lm" else None,
             labels=meta.get("labels") if task == "classification" else None, attention=attention or m.attention)
+    if not isinstance(m, Component) and m.lora is not None:
+        _add_lora(network, m.lora)
     limit = getattr(getattr(network, "cfg", None), "max_seq_len", getattr(network, "max_seq_len", None))
     if limit is not None and limit < cfg.data.max_seq_len:
         raise UserError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's max_seq_len "
@@ -198,6 +214,21 @@ def as_built(cfg: Config, network: torch.nn.Module) -> Config:
     if not vocab_follows_tokenizer(cfg) or cfg.model.vocab_size is not None:
         return cfg
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=network.cfg.vocab_size))
+
+
+def _add_lora(network: torch.nn.Module, lora) -> tuple[int, int]:
+    """model.lora: wraps the targeted layers with adapters and freezes the rest."""
+    from rafale.models.decoder import Decoder
+    from rafale.models.lora import LoraConfig, apply_lora
+
+    if not isinstance(network, Decoder):
+        raise UserError("model.lora: LoRA applies to rafale's decoders (presets and imported causal LMs); "
+                        "remove it for this model")
+    try:
+        return apply_lora(network, LoraConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                              targets=list(lora.targets)))
+    except ModelError as e:
+        raise UserError(str(e)) from None
 
 
 def _component_network(m: Component, meta: dict) -> torch.nn.Module:
@@ -218,6 +249,10 @@ def build_model(cfg: Config, meta: dict):
 
     network, pipeline = build_network(cfg, meta), pipeline_of(cfg)
     pipeline.check_network(network)
+    if getattr(cfg.model, "lora", None) is not None and os.environ.get("RANK", "0") == "0":
+        params = list(network.parameters())
+        trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        print(f"model.lora: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})", flush=True)
     return TaskModel(network, pipeline, meta)
 
 

@@ -14,7 +14,7 @@ import sys
 from rafale.errors import UserError
 
 COMMANDS = ("train", "prepare", "debug", "generate", "eval", "export", "runs", "plot", "config", "tokenizer",
-            "cache")
+            "cache", "chat")
 
 
 def _env_flag(name: str) -> bool:
@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a run directory (see `rafale runs`)")
     source.add_argument("--hf", help="an HF model directory (config.json, safetensors, tokenizer.json)")
+    source.add_argument("--gguf", metavar="FILE",
+                        help="a llama-family GGUF file (or pkg:PACKAGE/FILE): weights dequantized to fp32, "
+                             "tokenizer from its metadata")
     prompts = g.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="the text to continue")
     prompts.add_argument("--prompts-file", metavar="FILE",
@@ -79,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, metavar="S",
                    help="prompt number i (from 0) samples from its own stream seeded by (seed, i): same seed, "
                         "same text (default 0)")
+    ch = sub.add_parser("chat", help="talk with a model in the terminal, through its chat template",
+                        description="a multi-turn conversation through the model's chat template, the answer "
+                                    "streamed as it is written; /reset, /system TEXT, /exit; Ctrl-C stops an "
+                                    "answer, Ctrl-D leaves")
+    chat_source = ch.add_mutually_exclusive_group(required=True)
+    chat_source.add_argument("--run", help="a run directory (see `rafale runs`)")
+    chat_source.add_argument("--hf", help="an HF model directory with a chat template")
+    chat_source.add_argument("--gguf", metavar="FILE", help="a llama-family GGUF file (or pkg:PACKAGE/FILE)")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
+    ch.add_argument("--temperature", type=float, metavar="T", help="0 (default) picks the most likely token; > 0 samples")
+    ch.add_argument("--top-p", type=float, metavar="P", help="sample among the most likely tokens that reach this "
+                                                            "total probability (default 1: all)")
+    ch.add_argument("--seed", type=int, metavar="S", help="answer number i samples from a stream seeded by (seed, i)")
     e = sub.add_parser("export", help="write a run's latest checkpoint as an HF transformers model",
                        description="write a run's latest checkpoint as an HF transformers model directory "
                                    "(config.json, safetensors, tokenizer)")
@@ -86,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--to-hf", required=True, metavar="OUT_DIR", help="a new or empty directory")
     e.add_argument("--max-shard-size", default="5GB",
                    help="split the weights into files of at most this size (default 5GB)")
+    e.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA run: write its adapter as a PEFT adapter directory instead of the merged model")
     ev = sub.add_parser("eval", help="metrics of a run's latest checkpoint on its validation split, or benchmarks",
                         description="metrics of a run's latest checkpoint on its validation split (the "
                                     "metrics/eval/* of metrics.jsonl), and for classifiers a confusion matrix; "
@@ -311,6 +329,10 @@ def _cmd_generate(args) -> int:
     only = {}  # an HF model decodes over its whole head, as transformers' generate does
     if args.hf is not None:
         (model, tokenizer), eos = load_hf(args.hf), hf_eos_ids(args.hf)
+    elif args.gguf is not None:
+        from rafale.inference import load_gguf
+
+        model, tokenizer, eos, _ = load_gguf(args.gguf)
     else:
         model, tokenizer, cfg = load_run(args.run)
         eos = run_eos_ids(cfg, tokenizer)
@@ -331,12 +353,43 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_chat(args) -> int:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    from rafale.sampling import SamplingConfig
+
+    sampling = SamplingConfig(**{k: getattr(args, k) for k in ("temperature", "top_p", "seed")
+                                 if getattr(args, k) is not None})
+    _quiet_libraries()
+    from pathlib import Path
+
+    from rafale.chat_repl import repl
+    from rafale.data.chat import load_chat_template
+    from rafale.inference import hf_eos_ids, load_gguf, load_hf, load_run, run_eos_ids
+    from rafale.paths import resolve_tokenizer
+
+    if args.gguf is not None:
+        model, tokenizer, eos, folder = load_gguf(args.gguf)
+        template = load_chat_template(folder)
+    elif args.hf is not None:
+        (model, tokenizer), eos = load_hf(args.hf), hf_eos_ids(args.hf)
+        template = load_chat_template(Path(args.hf).expanduser())
+    else:
+        model, tokenizer, cfg = load_run(args.run)
+        eos = run_eos_ids(cfg, tokenizer)
+        template = load_chat_template(resolve_tokenizer(cfg.data.tokenizer), getattr(cfg.data, "chat_template", None))
+    if args.max_new_tokens >= model.cfg.max_seq_len:
+        raise UserError(f"--max-new-tokens ({args.max_new_tokens}) leaves no room for the conversation in the "
+                        f"model's {model.cfg.max_seq_len}-token context; lower it")
+    return repl(model, tokenizer, template, eos, args.max_new_tokens, sampling)
+
+
 def _cmd_export(args) -> int:
     from rafale.export import export_run, parse_size
 
     max_shard_bytes = parse_size(args.max_shard_size)
     _quiet_libraries()
-    print(f"exported: {export_run(args.run, args.to_hf, max_shard_bytes)}")
+    print(f"exported: {export_run(args.run, args.to_hf, max_shard_bytes, adapter_only=args.adapter_only)}")
     return 0
 
 
@@ -555,6 +608,8 @@ def _dispatch(args) -> int:
         return _cmd_eval(args)
     if args.command == "export":
         return _cmd_export(args)
+    if args.command == "chat":
+        return _cmd_chat(args)
     if args.command == "tokenizer":
         return _cmd_tokenizer(args)
     if args.command == "cache":

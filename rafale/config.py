@@ -41,6 +41,16 @@ class RunSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters on the blocks' linear layers (rafale/models/lora.py); the base is frozen."""
+    rank: int = results(8)
+    alpha: float = results(16.0)  # the update is scaled by alpha / rank
+    dropout: float = results(0.0)  # on the adapter's input
+    # qkv, proj, fc_in, fc_gate, fc_out, or the groups attention, mlp, all
+    targets: list[str] = results(factory=lambda: ["all"])
+
+
+@dataclass
 class ModelSection:
     preset: Optional[str] = results("pythia-tiny")
     # An HF model directory (config.json + safetensors) or a .safetensors file to start from. With a
@@ -60,6 +70,8 @@ class ModelSection:
     preset_vocab: bool = field(default=False, init=False, repr=False, compare=False)
     # The decoder's attention kernel (rafale/models/attention.py): the same numbers up to rounding.
     attention: Literal["sdpa", "flex", "flash"] = results("sdpa", added=True)
+    # Train LoRA adapters on the frozen init_from model instead of every weight (null: full fine-tuning).
+    lora: Optional[LoraSection] = results(None, added=True)
 
 
 @dataclass
@@ -241,9 +253,27 @@ def _validate_values(cfg: Config) -> None:
         problems.append(f"train.device_microbatch_size: {cfg.train.device_microbatch_size} must divide "
                         f"train.global_batch_size ({cfg.train.global_batch_size})")
     problems += cfg.data.problems()
+    problems += _lora_problems(cfg.model)
     problems += _monitor_problems(cfg.monitor)
     if problems:
         raise UserError("; ".join(problems))
+
+
+def _lora_problems(m) -> list[str]:
+    lora = getattr(m, "lora", None)
+    if lora is None:
+        return []
+    problems = []
+    if lora.rank < 1:
+        problems.append(f"model.lora.rank: must be >= 1, got {lora.rank}")
+    if lora.alpha <= 0:
+        problems.append(f"model.lora.alpha: must be > 0, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        problems.append(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
+    if m.init_from is None:
+        problems.append("model.lora: needs model.init_from, the trained model whose frozen weights the "
+                        "adapter learns on (checkpoints hold the adapter only)")
+    return problems
 
 
 def _monitor_problems(m: MonitorSection) -> list[str]:

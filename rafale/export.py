@@ -36,29 +36,71 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Writes the run's latest checkpoint to `out_dir` (new or empty) as an HF model directory."""
-    from tokenizers import Tokenizer
-
+def export_run(run_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+               adapter_only: bool = False) -> Path:
+    """Writes the run's latest checkpoint to `out_dir` (new or empty) as an HF model directory. A LoRA run
+    is written merged (the adapter folded into the base weights), or with `adapter_only` as a PEFT
+    adapter directory (adapter_config.json + adapter_model.safetensors) for its init_from model."""
     from rafale.inference import run_network
-    from rafale.models import FAMILIES, ModelError, family_of
-    from rafale.models.weights import save_weights, stored_names
+    from rafale.models import FAMILIES
+    from rafale.models.weights import stored_names
 
     run, out_dir = Run.open(run_dir), Path(out_dir)
     ckpt = run.require_checkpoint()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         # Stale shards or an old index next to new ones would load as a mix of two models.
         raise UserError(f"--to-hf {out_dir}: exists and is not an empty directory; pick a new one")
+    lora = getattr(run.config.model, "lora", None) is not None
+    if adapter_only and not lora:
+        raise UserError(f"--adapter-only: run {run.name} trained no LoRA adapter (model.lora is not set); "
+                        f"export it without --adapter-only")
+    if lora:
+        return _export_lora(run, out_dir, max_shard_bytes, adapter_only)
     # The run's network on the meta device: its config and tensor names and shapes, no memory.
     skeleton, pipeline, meta = run_network(run, skeleton=True)
     net_cfg = getattr(skeleton, "cfg", None)
     if net_cfg is None or not any(f.owns(net_cfg) for f in FAMILIES):
         raise UserError(f"--run {run_dir}: its model ({run.config.to_dict()['model'].get('class', '?')}) is not "
                         f"one of rafale's families; export writes presets and imported HF models only")
-    family, task = family_of(net_cfg), pipeline.task
     state = skeleton.state_dict()
     # transformers re-ties tied tensors (a tied head, BERT's MLM output matrix) from the one written
     weights, dtype = checkpoint_weights(ckpt, {name: state[name] for name in stored_names(skeleton)})
+    return _write_hf(run, run_dir, out_dir, max_shard_bytes, net_cfg, pipeline, meta, weights, dtype)
+
+
+def _export_lora(run: Run, out_dir: Path, max_shard_bytes: int, adapter_only: bool) -> Path:
+    """The base (from model.init_from) with the run's adapter: merged into an HF model directory, or the
+    adapter alone in PEFT's format."""
+    import torch
+    from safetensors.torch import save_file
+
+    from rafale.inference import run_network
+    from rafale.models.lora import merge_lora, peft_adapter
+    from rafale.models.weights import stored_names
+
+    network, pipeline, meta = run_network(run)
+    if adapter_only:
+        config, tensors = peft_adapter(network)
+        config["base_model_name_or_path"] = run.config.model.init_from
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return out_dir
+    merge_lora(network)
+    state = network.state_dict()
+    weights = {name: state[name] for name in stored_names(network)}
+    return _write_hf(run, run.path, out_dir, max_shard_bytes, network.cfg, pipeline, meta, weights,
+                     next(iter(weights.values())).dtype if weights else torch.float32)
+
+
+def _write_hf(run: Run, run_dir, out_dir: Path, max_shard_bytes: int, net_cfg, pipeline, meta: dict,
+              weights: dict, dtype) -> Path:
+    from tokenizers import Tokenizer
+
+    from rafale.models import ModelError, family_of
+    from rafale.models.weights import save_weights
+
+    family, task = family_of(net_cfg), pipeline.task
     tok_path = resolve_tokenizer(run.config.data.tokenizer)
     tokens = pipeline.export_tokens(meta, Tokenizer.from_file(str(tok_path)), tok_path)
     try:  # a model with no transformers architecture fails here, before anything is written

@@ -28,7 +28,15 @@ def run_network(run: Run, meta: dict | None = None, skeleton: bool = False):
             return build_network(cfg, meta, attention="sdpa"), pipeline, meta
     network = build_network(cfg, meta, attention="sdpa")
     state = read_model_state(ckpt)
-    network.load_state_dict({name.removeprefix("model."): t for name, t in state.items()})
+    missing, unexpected = network.load_state_dict({name.removeprefix("model."): t for name, t in state.items()},
+                                                  strict=False)
+    # A LoRA run's checkpoint holds the adapter only: the frozen base came from model.init_from above.
+    frozen = {n for n, p in network.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise UserError(f"checkpoint {ckpt.name} does not match the run's config.yaml (missing "
+                        f"{', '.join(missing[:4]) or 'nothing'}, unexpected {', '.join(unexpected[:4]) or 'nothing'}); "
+                        f"was config.yaml edited?")
     return network.eval(), pipeline, meta
 
 
@@ -59,6 +67,25 @@ def load_hf(hf_dir: str):
         raise UserError(f"--hf {hf_dir}: its tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model "
                         f"embeds only {decoder.cfg.vocab_size}; the two do not belong together")
     return decoder.eval(), tokenizer
+
+
+def load_gguf(spec: str, key: str = "--gguf"):
+    """Returns (decoder in eval mode, tokenizer, eos ids, the tokenizer folder extracted from its metadata:
+    tokenizer.json, tokenizer_config.json, chat_template.jinja) from a GGUF file (a path or
+    `pkg:PACKAGE/FILE`); weights dequantized to fp32."""
+    from rafale.build import network_for
+    from rafale.paths import gguf_tokenizer_dir, resolve_model_file
+
+    path = resolve_model_file(spec, key)
+    if path.suffix != ".gguf":
+        raise UserError(f"{key} {spec}: not a .gguf file; give a GGUF model file")
+    decoder = network_for("causal_lm", init_from=str(path), where=key)
+    folder = gguf_tokenizer_dir(path, key)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    import json
+
+    eos = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")
+    return decoder.eval(), tokenizer, [tokenizer.token_to_id(eos)] if eos is not None else [], folder
 
 
 def run_eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:

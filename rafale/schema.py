@@ -91,6 +91,13 @@ def _convert(value, tp, key: str):
     raise ValueError
 
 
+def _optional_section(tp):
+    """The section class of an `Optional[Section]` field (a section that may be absent), else None."""
+    args = typing.get_args(tp) if typing.get_origin(tp) is Union else ()
+    sections = [a for a in args if dataclasses.is_dataclass(a)]
+    return sections[0] if len(args) == 2 and type(None) in args and sections else None
+
+
 def build(cls, data: dict, prefix: str, unknown: list[str], wrong: list[str], sections: dict | None = None):
     """An instance of dataclass `cls` from plain YAML data. Unknown keys (with the closest valid name)
     and wrong types are appended to `unknown` / `wrong` as messages naming the dotted key. `sections`
@@ -106,6 +113,11 @@ def build(cls, data: dict, prefix: str, unknown: list[str], wrong: list[str], se
             continue
         tp = (sections or {}).get(key, hints[key])
         section = typing.get_args(tp)[0] if fields[key].metadata.get("component") else tp
+        if _optional_section(tp) is not None:
+            if value is None:
+                kwargs[key] = None
+                continue
+            section = _optional_section(tp)
         if fields[key].metadata.get("component") and isinstance(value, dict) and "class" in value:
             try:
                 kwargs[key] = components.parse(value, path)
@@ -172,7 +184,7 @@ def unclassified(cls, prefix: str = "") -> list[str]:
         if "results" not in f.metadata:
             found.append(f"{prefix}{f.name}")
         tp = hints[f.name]
-        section = typing.get_args(tp)[0] if f.metadata.get("component") else tp
+        section = typing.get_args(tp)[0] if f.metadata.get("component") else _optional_section(tp) or tp
         if dataclasses.is_dataclass(section):
             found += unclassified(section, f"{prefix}{f.name}.")
     return found

@@ -1,7 +1,9 @@
 """The one ComposerModel: a network (rafale/models/) trained with its pipeline's objective
 (rafale/data/pipeline.py).
 
-The network is the only child module, so checkpoints hold `model.<tensor name>` and Composer's FSDP
+The network is the only child module, so checkpoints hold `model.<tensor name>`; frozen tensors (a LoRA
+run's base, which model.init_from gives again) are left out of the state dict, so a checkpoint holds the
+trainable tensors and their optimizer state only.  and Composer's FSDP
 wraps it as a whole and its blocks through the network's `fsdp_wrap_fn`. Everything task-specific
 (forward, loss, metrics, FLOPs) is the pipeline's; this class only routes Composer's calls to it.
 """
@@ -15,6 +17,25 @@ class TaskModel(ComposerModel):
         super().__init__()
         self.model = network
         self.pipeline, self.meta = pipeline, meta  # plain attributes: not modules, not in the state dict
+        # Every name of a frozen parameter (tied ones under each name), relative to this module.
+        self.frozen = {f"model.{n}" for n, p in network.named_parameters(remove_duplicate=False)
+                       if not p.requires_grad}
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for name in self.frozen:
+            state.pop(prefix + name, None)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads the trainable tensors; the frozen ones may be absent (they are, in rafale's checkpoints),
+        anything else missing or unexpected is an error when `strict`."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k not in self.frozen]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:8]}, unexpected "
+                               f"{result.unexpected_keys[:8]}")
+        return result
 
     def forward(self, batch: dict):
         return self.pipeline.forward(self.model, batch, self.training)

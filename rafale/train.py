@@ -187,12 +187,15 @@ def build_trainer(cfg: Config, model, data: PreparedData, run_dir: Path | None,
         parallelism_config=parallelism,
         compile_config={} if t.compile else None,
         loggers=build_loggers(cfg, run_dir, progress_metric=pipeline.progress),
-        callbacks=[*build_callbacks(cfg), *build_user_callbacks(cfg), *extra_callbacks, FullFinalEval()],
+        callbacks=[*build_callbacks(cfg), *build_user_callbacks(cfg), *extra_callbacks, FullFinalEval(),
+                   *model.pipeline.callbacks(run_dir)],
         profiler=build_profiler(cfg, run_dir),
         progress_bar=False,
         log_to_console=False,
         run_name=run_dir.name if run_dir is not None else "debug",
         seed=cfg.run.seed,
+        # A LoRA run's checkpoints leave the frozen base out (task_model.py), so they load non-strictly.
+        load_strict_model_weights=not model.frozen,
         **checkpointing,
     )
 

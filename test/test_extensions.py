@@ -24,7 +24,8 @@ from test.conftest import REPO, run_cli
 # hash on purpose and updates this table; any other change must leave it alone, or interrupted runs
 # stop resuming.
 BUNDLED_HASHES = {"pythia-tinyshakespeare": "3936453c", "llama-tinystories": "ff1c4e34", "bert-sst2": "1374bdd2",
-                  "bert-wikitext-mlm": "a0072737", "roberta-imdb": "f50503eb", "llama-tinystories-mix": "d41e12bd"}
+                  "bert-wikitext-mlm": "a0072737", "roberta-imdb": "f50503eb", "llama-tinystories-mix": "d41e12bd",
+                  "smollm2-sft": "5b6eaea3"}
 
 TINY_MODEL = '''
 import torch

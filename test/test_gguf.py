@@ -128,10 +128,11 @@ USER_TOKEN = "<tool>"  # a user-defined (type 4) added token
 
 
 def tiny_gguf(path: Path, arch: str = "llama", drop: tuple[str, ...] = (), extra_meta: dict | None = None,
-              extra_tensors: dict | None = None, dtypes: dict | None = None) -> Path:
+              extra_tensors: dict | None = None, dtypes: dict | None = None, scale: float = 1.0) -> Path:
     """A 2-layer llama GGUF with an untied head, random F16 matrices and F32 norms (as llama.cpp stores
     them), a tiny byte-level vocabulary and Llama 3's pre-tokenizer; `drop` leaves metadata keys out,
-    `dtypes` stores some tensors in another numpy dtype."""
+    `dtypes` stores some tensors in another numpy dtype, `scale` multiplies the matrices (0.02: a trained
+    model's magnitudes, where standard-normal ones make logits in the tens)."""
     tokens = SPECIALS + BYTES + list(WORDS) + [USER_TOKEN]
     meta = {f"{arch}.block_count": LAYERS, f"{arch}.context_length": 64, f"{arch}.embedding_length": D,
             f"{arch}.feed_forward_length": FF, f"{arch}.attention.head_count": HEADS,
@@ -166,7 +167,7 @@ def tiny_gguf(path: Path, arch: str = "llama", drop: tuple[str, ...] = (), extra
             w.add_array(key, value)
     for name, shape in shapes.items():
         dtype = (dtypes or {}).get(name, np.float16 if len(shape) == 2 else np.float32)
-        w.add_tensor(name, rng.standard_normal(shape).astype(dtype))
+        w.add_tensor(name, (rng.standard_normal(shape) * (scale if len(shape) == 2 else 1.0)).astype(dtype))
     for name, array in (extra_tensors or {}).items():
         w.add_tensor(name, array)
     w.write_header_to_file()
@@ -264,3 +265,21 @@ def test_bad_files_are_errors_naming_the_file(tmp_path, case):
         read_gguf(path)
     message = str(e.value)
     assert message.startswith(str(path)) and "\n" not in message
+
+
+def test_smollm_greedy_tokens_match_transformers(hf_smollm):
+    """model.init_from / generate --gguf on the real file: rafale's greedy continuation of a chat prompt
+    equals transformers' generate(do_sample=False) on its own load of the same GGUF."""
+    from rafale.build import network_for
+    from rafale.generate import generate_batch
+
+    hf, tok = hf_smollm
+    ours = network_for("causal_lm", init_from=str(SMOLLM)).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=2,
+                           pad_token_id=2)[0, len(ids):].tolist()
+    got = generate_batch(ours, [ids], 24, eos_token_id=2)[0].output_ids
+    assert got == want and tok.decode(got, skip_special_tokens=True).startswith("The capital of France is Paris")

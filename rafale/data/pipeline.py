@@ -8,6 +8,7 @@ training data and its objective.
     task           the network it trains: causal_lm (a decoder), mlm or classification (an encoder)
     prepare()      the cache entry for its sources (on cache.py's shared skeleton) and report()
     dataset() / collator()      the torch side of a split
+    callbacks()    Composer callbacks its objective needs in training (preference.py's reference pass)
     forward / loss / eval_forward / metrics / update_metric / flops     the objective, which the one
                    ComposerModel (rafale/task_model.py) calls
     loss_tokens()  how many targets of a batch carry loss: a step's loss is the mean over the step's
@@ -35,6 +36,8 @@ BUILTIN = {
     "causal_lm": "rafale.data.causal_lm:CausalLM",
     "mlm": "rafale.data.mlm:MaskedLM",
     "classification": "rafale.data.classification:Classification",
+    "chat": "rafale.data.sft:ChatSFT",
+    "preference": "rafale.data.preference:Preference",
 }
 
 
@@ -104,6 +107,10 @@ class Pipeline:
         """The DataLoader's collate_fn (None: stack the rows); one with a `bind(sampler)` method is bound
         to each loader's sampler (its epoch reseeds random masking)."""
         return None
+
+    def callbacks(self, run_dir) -> list:
+        """Composer callbacks the objective needs in training (run_dir None: a DEBUG=1 run)."""
+        return []
 
     # --- the objective (see rafale/task_model.py) ---
     def check_network(self, network) -> None:

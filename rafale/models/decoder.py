@@ -356,12 +356,18 @@ class Decoder(nn.Module):
         return self.embed_out(h)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                targets: torch.Tensor | None = None, documents: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, documents: torch.Tensor | None = None,
+                response_mask: torch.Tensor | None = None):
         """Logits (B, T, V); or, given `targets` (B, T) (-100 where none), the mean cross-entropy
         against them, with the head fused into the loss so the logits are never held whole
-        (models/losses.py). Inside forward, so FSDP has the head's weight gathered either way.
-        `documents`: packed rows (see forward_hidden)."""
+        (models/losses.py); or, given `response_mask` (B, T), each sequence's summed log-probability of
+        its masked tokens and their count (models/preference.py `sequence_logps`). Inside forward, so
+        FSDP has the head's weight gathered either way. `documents`: packed rows (see forward_hidden)."""
         h = self.forward_hidden(input_ids, cache, documents=documents)
         if targets is not None:
             return linear_cross_entropy(h, self.embed_out.weight, targets)
+        if response_mask is not None:
+            from rafale.models.preference import sequence_logps
+
+            return sequence_logps(h, self.embed_out.weight, input_ids, response_mask)
         return self.head(h)

@@ -141,6 +141,9 @@ class GGUFModel:
         assert out.dtype == torch.float32, (name, out.dtype)
         return _unpermute(out, self._permuted[name]) if name in self._permuted else out
 
+    # The TensorSource interface (models/weights.py), so `load_weights` reads a GGUF as a checkpoint.
+    keys, shape, get = tensor_names, tensor_shape, get_tensor
+
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undoes llama.cpp's q/k row permutation (convert_hf_to_gguf.py's LlamaModel.permute): within each

@@ -24,6 +24,7 @@ layout already, and stays one pair (`peft_adapter`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -81,6 +82,7 @@ class LoraLinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **like))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **like))
         self.reset_lora_parameters()
+        self.disabled = False  # True inside `adapters_disabled`: the base layer alone
         self.train(base.training)  # a new module is in training mode; dropout must follow the model's
 
     @torch.no_grad()
@@ -90,6 +92,8 @@ class LoraLinear(nn.Linear):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return F.linear(x, self.weight, self.bias)
         # The scale is applied to the rank-sized intermediate, the cheaper of the two places.
         low = F.linear(self.lora_dropout(x), self.lora_A) * self.scale
         return F.linear(x, self.weight, self.bias) + F.linear(low, self.lora_B)
@@ -123,6 +127,24 @@ def apply_lora(decoder: Decoder, cfg: LoraConfig) -> tuple[int, int]:
             _replace(decoder, name, LoraLinear(m, cfg.rank, cfg.alpha, cfg.dropout))
     params = list(decoder.parameters())  # tied weights once, as parameters() deduplicates
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def has_lora(module: nn.Module) -> bool:
+    return any(isinstance(m, LoraLinear) for m in module.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: nn.Module):
+    """Inside, every LoRA layer of `module` computes its frozen base alone: the model before
+    fine-tuning, without a second copy of it (DPO's reference model)."""
+    layers = [m for _, m in _lora_layers(module)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -48,15 +48,16 @@ def test_all_presets_are_covered():
 def test_bundled_default_figures():
     cfg = load_config("pythia-tinyshakespeare", ["train.global_batch_size=32"])
     d = describe(cfg)
-    network = network_for("causal_lm", "pythia-tiny")  # on CPU: the real thing
+    # on CPU: the real thing, with the head the tokenizer gives it (4,096 tokens: 4,096 rows)
+    network = network_for("causal_lm", "pythia-tiny", vocab_size=4096, overrides={"max_seq_len": 128})
     total = sum(p.numel() for p in network.parameters())
     assert d["parameters"] == {"total": total, "embedding": network.embed_in.weight.numel(),
                                "head": network.embed_out.weight.numel(), "trainable": total}
-    assert total == 13_671_168 and network.embed_in.weight.shape == (50304, 128)
-    seq, layers, width = 256, 4, 128
-    non_embedding = total - 50304 * 128  # the input lookup is no matmul; the head is
+    assert total == 1_841_920 and network.embed_in.weight.shape == (4096, 128)
+    seq, layers, width = 128, 4, 128
+    non_embedding = total - 4096 * 128  # the input lookup is no matmul; the head is
     assert d["flops_per_token"] == 6 * non_embedding + 3 * layers * 2 * 2 * width * seq
-    assert d["tokens_per_step"] == 32 * 256
+    assert d["tokens_per_step"] == 32 * 128
     m = d["memory"]
     assert m["peak_training_mb"] == pytest.approx(m["runtime_mb"] + m["state_mb"] + m["activations_mb"] + m["head_mb"])
     assert m["state_mb"] == pytest.approx(total * 16 / 2 ** 20)  # fp32 weights, gradients, two AdamW moments
@@ -83,7 +84,7 @@ def test_cli_shows_without_composer(tmp_path):
                                                                             "RAFALE_HOME": str(tmp_path)})
     assert text.returncode == 0, text.stderr
     assert "preset: pythia-tiny" in text.stdout
-    assert "parameters        13,671,168 total, 6,438,912 embedding, 6,438,912 head, 13,671,168 trainable" in text.stdout
+    assert "parameters        1,841,920 total, 524,288 embedding, 524,288 head, 1,841,920 trainable" in text.stdout
     assert "tokens per step   4,096 " in text.stdout
 
 

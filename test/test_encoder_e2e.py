@@ -151,8 +151,8 @@ def test_roberta_mlm_trains_evaluates_and_exports(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("data, expected", [
     ({"pipeline": "mlm", "mlm_probability": 1.5}, "data.mlm_probability: must be in (0, 1), got 1.5"),
-    ({"pipeline": "causal_lm", "text_field": "sentence"},
-     "data.text_field: only the classification pipeline reads it, and data.pipeline is causal_lm"),
+    ({"pipeline": "causal_lm", "label_field": "sentiment"},
+     "data.label_field: only the classification pipeline reads it, and data.pipeline is causal_lm"),
     ({"pipeline": "classification", "mlm_probability": 0.2}, "data.mlm_probability: only the mlm pipeline"),
     ({"pipeline": "mlm", "eos_token": "</s>"}, "data.eos_token: only the causal_lm pipeline reads it"),
     ({"pipeline": "classification", "doc_separator": "\n\n"},

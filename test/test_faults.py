@@ -346,7 +346,7 @@ def test_internal_fault_is_one_line_exit_1_unless_traceback_asked(trained, home,
     (run_dir / "config.yaml").write_text("data: [1, 2]\n")  # damaged by hand: reading the run fails
     assert cli.main(["generate", "--run", str(run_dir), "--prompt", "x"]) == 2
     _one_line(capsys.readouterr().err)
-    monkeypatch.setattr("rafale.cli._cmd_runs", lambda: 1 / 0)
+    monkeypatch.setattr("rafale.cli._cmd_runs", lambda *args: 1 / 0)
     assert cli.main(["runs"]) == 1
     err = _one_line(capsys.readouterr().err)
     assert "ZeroDivisionError" in err and "RAFALE_TRACEBACK=1" in err

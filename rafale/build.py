@@ -37,7 +37,7 @@ def padded_vocab(n_tokens: int) -> int:
 
 
 def pipeline_of(cfg: Config) -> Pipeline:
-    return pipeline_class(cfg.data.pipeline)(cfg.data)
+    return pipeline_class(cfg.data.pipeline)(cfg.data, cfg.train)
 
 
 def build_data(cfg: Config):

@@ -127,6 +127,12 @@ class TrainSection:
     load_mode: Literal["full", "weights", "weights_optimizer"] = results("weights")
     # Composer callbacks by import path: [{class: composer.callbacks.EarlyStopper, ...kwargs}]
     callbacks: list[Component] = results(factory=list, added=True)
+    # The preference pipeline's objective (data/preference.py): dpo or simpo, its reward scale beta and
+    # SimPO's target margin gamma (in reward units). Null elsewhere; a preference run fills in
+    # dpo / 0.1 / 0.5, so the config a run writes says what it trained with.
+    objective: Optional[Literal["dpo", "simpo"]] = results(None, added=True)
+    beta: Optional[float] = results(None, added=True)
+    gamma: Optional[float] = results(None, added=True)
 
 
 LOGGERS = ("console", "file", "tensorboard", "wandb", "mlflow")
@@ -255,8 +261,26 @@ def _validate_values(cfg: Config) -> None:
     problems += cfg.data.problems()
     problems += _lora_problems(cfg.model)
     problems += _monitor_problems(cfg.monitor)
+    problems += _objective_keys(cfg)
     if problems:
         raise UserError("; ".join(problems))
+
+
+def _objective_keys(cfg: Config) -> list[str]:
+    """train.objective / beta / gamma belong to the pipelines that declare them (Pipeline.train_keys,
+    with their defaults, filled in here); set under another pipeline, they are refused."""
+    declared = pipeline_class(cfg.data.pipeline).train_keys
+    problems = []
+    for key in ("objective", "beta", "gamma"):
+        value = getattr(cfg.train, key)
+        if key in declared:
+            setattr(cfg.train, key, declared[key] if value is None else value)
+        elif value is not None:
+            problems.append(f"train.{key}: only the preference pipeline reads it, and data.pipeline is "
+                            f"{cfg.data.pipeline}; remove it")
+    if cfg.train.beta is not None and cfg.train.beta <= 0:
+        problems.append(f"train.beta: must be > 0, got {cfg.train.beta}")
+    return problems
 
 
 def _lora_problems(m) -> list[str]:

@@ -86,3 +86,18 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         assert expected in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_objective_keys_belong_to_the_preference_pipeline():
+    with pytest.raises(UserError, match="train.objective: only the preference pipeline reads it, and "
+                                        "data.pipeline is causal_lm; remove it"):
+        from_dict({"train": {"objective": "simpo"}})
+    plain = from_dict({})
+    assert (plain.train.objective, plain.train.beta, plain.train.gamma) == (None, None, None)
+    pref = from_dict({"data": {"pipeline": "preference", "train": "pairs.jsonl"}})
+    assert (pref.train.objective, pref.train.beta, pref.train.gamma) == ("dpo", 0.1, 0.5)
+    simpo = from_dict({"data": {"pipeline": "preference", "train": "pairs.jsonl"},
+                       "train": {"objective": "simpo", "beta": 2.0}})
+    assert (simpo.train.objective, simpo.train.beta, simpo.train.gamma) == ("simpo", 2.0, 0.5)
+    with pytest.raises(UserError, match="train.beta: must be > 0"):
+        from_dict({"data": {"pipeline": "preference", "train": "pairs.jsonl"}, "train": {"beta": 0}})

@@ -49,7 +49,7 @@ def test_bundled_default_figures():
     cfg = load_config("pythia-tinyshakespeare", ["train.global_batch_size=32"])
     d = describe(cfg)
     # on CPU: the real thing, with the head the tokenizer gives it (4,096 tokens: 4,096 rows)
-    network = network_for("causal_lm", "pythia-tiny", vocab_size=4096, overrides={"max_seq_len": 128})
+    network = network_for("causal_lm", "pythia-tiny", overrides={"max_seq_len": 128, "vocab_size": 4096})
     total = sum(p.numel() for p in network.parameters())
     assert d["parameters"] == {"total": total, "embedding": network.embed_in.weight.numel(),
                                "head": network.embed_out.weight.numel(), "trainable": total}

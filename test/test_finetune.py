@@ -207,12 +207,12 @@ def _pairs(path: Path, n: int = 80) -> Path:
     return path
 
 
-def _preference_config(files, tmp_path: Path, **data) -> Path:
+def _preference_config(files, tmp_path: Path, **train) -> Path:
     cfg = yaml.safe_load(files["lora"].read_text())
     cfg["run"]["name"] = "dpo"
     cfg["data"] = {"pipeline": "preference", "train": str(_pairs(tmp_path / "pairs.jsonl")),
-                   "tokenizer": str(files["gguf"]), "max_seq_len": 64, "val_fraction": 0.1, "beta": 0.5, **data}
-    cfg["train"].update(max_duration="10ba", eval_interval="10ba", save_interval="10ba")
+                   "tokenizer": str(files["gguf"]), "max_seq_len": 64, "val_fraction": 0.1}
+    cfg["train"].update({"max_duration": "10ba", "eval_interval": "10ba", "save_interval": "10ba", "beta": 0.5, **train})
     (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(cfg))
     return tmp_path / "dpo.yaml"
 

@@ -73,9 +73,13 @@ class Pipeline:
     generates: ClassVar[bool] = False  # its model continues text (`rafale generate`)
     # The progress line's validation figure: (label, eval metric name).
     progress: ClassVar[tuple[str, str]] = ("val", "LanguageCrossEntropy")
+    # The train.* objective keys it reads (objective, beta, gamma) with their defaults; config.py
+    # refuses them under a pipeline that does not declare them.
+    train_keys: ClassVar[dict] = {}
 
-    def __init__(self, data: DataSection):
+    def __init__(self, data: DataSection, train=None):
         self.data = data
+        self.train = train  # the train section (None: only the data is needed, as in `rafale prepare`)
 
     # --- data ---
     def prepare(self):

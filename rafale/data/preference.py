@@ -9,8 +9,8 @@
       -> two sequences per pair (data/sft.py Sequences: chosen at 2i, rejected at 2i + 1)
       -> batches of (B, 2, T) ids and masks, so Composer's micro-batches never split a pair
 
-The objective (data.objective): `dpo` (rewards beta * (policy - reference) summed response log-probs)
-or `simpo` (rewards beta * mean response log-prob, target margin data.gamma in reward units). DPO's
+The objective (train.objective): `dpo` (rewards train.beta * (policy - reference) summed response
+log-probs) or `simpo` (rewards beta * mean response log-prob, target margin train.gamma in reward units). DPO's
 reference is the model before fine-tuning, never a second model in memory: under LoRA the same network
 with its adapters switched off; for full fine-tuning one pass over every pair before the first step
 (`ReferencePass`), saved in the run directory so a resumed run reads it back. Chosen / rejected
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -40,16 +40,7 @@ REFERENCE_FILE = "reference_logps.pt"
 class PreferenceData(DataSection):
     tokenizer: str = results("smollm2")
     max_seq_len: int = results(512)
-    objective: Literal["dpo", "simpo"] = results("dpo")
-    beta: float = results(0.1)
-    gamma: float = results(0.5)  # simpo: the target reward margin, in reward units (beta x the paper's ratio)
     chat_template: Optional[str] = results(None)  # for message rows; default: the tokenizer's
-
-    def problems(self) -> list[str]:
-        problems = super().problems()
-        if self.beta <= 0:
-            problems.append(f"data.beta: must be > 0, got {self.beta}")
-        return problems
 
 
 class Pairs:
@@ -138,6 +129,8 @@ class Preference(Pipeline):
     task = "causal_lm"
     generates = True
     progress = ("val acc", "RewardAccuracy")
+    # gamma (simpo): the target reward margin, in reward units (beta x the paper's gamma/beta ratio)
+    train_keys = {"objective": "dpo", "beta": 0.1, "gamma": 0.5}
 
     def _template(self, tokenizer_path: Path):
         try:
@@ -227,7 +220,7 @@ class Preference(Pipeline):
     def needs_reference_pass(self, network) -> bool:
         from rafale.models.lora import has_lora
 
-        return self.data.objective == "dpo" and not has_lora(network)
+        return self.train.objective == "dpo" and not has_lora(network)
 
     def sequence_logps(self, network, batch: dict):
         """(sum_logp (B, 2), n_tokens (B, 2)) of the chosen and rejected answers."""
@@ -242,13 +235,13 @@ class Preference(Pipeline):
         from rafale.models.lora import adapters_disabled
         from rafale.models.preference import dpo_loss, simpo_loss
 
-        d = self.data
+        t = self.train
         sums, counts = self.sequence_logps(network, batch)
         if batch.get("reference_pass"):  # ReferencePass: the model's log-probs as it starts
             return sums
-        if d.objective == "simpo":
+        if t.objective == "simpo":
             avg = sums / counts.clamp(min=1)
-            out = simpo_loss(avg[:, 0], avg[:, 1], d.beta, d.gamma)
+            out = simpo_loss(avg[:, 0], avg[:, 1], t.beta, t.gamma)
         else:
             if self.needs_reference_pass(network):
                 if self.reference is None:
@@ -257,7 +250,7 @@ class Preference(Pipeline):
             else:
                 with torch.no_grad(), adapters_disabled(network):
                     ref, _ = self.sequence_logps(network, batch)
-            out = dpo_loss(sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], d.beta)
+            out = dpo_loss(sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], t.beta)
         if training and self._step_stats is not None:
             self._step_stats.append({k: out[k].detach() for k in STATS})
         return out

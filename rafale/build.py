@@ -41,6 +41,14 @@ def pipeline_of(cfg: Config) -> Pipeline:
 
 
 def build_data(cfg: Config):
+    """The prepared data: the pipeline's cache entry, or with data.streaming the MDS shards it was
+    written to (data/streaming.py)."""
+    if getattr(cfg.data, "streaming", None) is not None:
+        from composer.utils import dist
+
+        from rafale.data import streaming
+
+        return streaming.prepare(cfg.data, cfg.train.global_batch_size // dist.get_world_size(), cfg.run.seed)
     return pipeline_of(cfg).prepare()
 
 

@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
     launch.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
     launch.add_argument("--master-port", type=int, default=None, help="a free TCP port on node 0")
-    with_config("prepare", "build the tokenized data cache and exit (same as DATA=1 rafale train)")
+    pr = with_config("prepare", "build the tokenized data cache and exit (same as DATA=1 rafale train)")
+    pr.add_argument("--to-mds", metavar="DIR",
+                    help="also write the prepared blocks as mosaicml-streaming MDS shards: DIR/train (a mixture: "
+                         "one directory per source), DIR/val; train from them with data.streaming.remote=DIR "
+                         "(pip install 'rafale[streaming]')")
     with_config("debug", "overfit one batch as a sanity check (same as DEBUG=1 rafale train)")
     g = sub.add_parser("generate", help="continue prompts with a run's latest checkpoint or an HF model",
                        description="continue prompts with a run's latest checkpoint or an HF model directory: "
@@ -201,7 +205,17 @@ def _cmd_config(args, mode: str) -> int:
 
     ctrl_c_quits()
     if mode == "prepare":
-        train.prepare(cfg)
+        to_mds = getattr(args, "to_mds", None)
+        if to_mds is not None:
+            from rafale.data import streaming
+
+            if not hasattr(cfg.data, "streaming"):  # the sections that declare data.streaming can stream
+                raise UserError(f"--to-mds: writes causal_lm blocks, and data.pipeline is {cfg.data.pipeline}")
+            streaming.require()  # before tokenizing anything
+        data = train.prepare(cfg)
+        if to_mds is not None:
+            written = streaming.write_mds(data, to_mds)
+            print(f"MDS shards: {', '.join(str(p) for p in written)}")
         return 0
     if mode == "debug":
         try:

@@ -137,9 +137,10 @@ def checkpoint_to_load(cfg: Config) -> dict:
 
 def check_enough_data(cfg: Config, data: PreparedData) -> None:
     """One full batch per process at least (the loaders drop the last partial one)."""
-    if len(data.train) < per_device_batch_size(cfg) * dist.get_world_size():
+    n = getattr(data.train, "epoch_size", None) or len(data.train)  # a StreamingDataset's len is per rank
+    if n < per_device_batch_size(cfg) * dist.get_world_size():
         raise UserError(f"train.global_batch_size ({cfg.train.global_batch_size}) is larger than the "
-                        f"{len(data.train)} training blocks; lower it or add data")
+                        f"{n} training blocks; lower it or add data")
 
 
 def build_trainer(cfg: Config, model, data: PreparedData, run_dir: Path | None,

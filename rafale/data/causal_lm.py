@@ -32,7 +32,16 @@ import numpy as np
 from rafale.data import cache, mixture, tokenize
 from rafale.data.pipeline import IGNORE_INDEX, DataSection, Pipeline
 from rafale.errors import UserError
-from rafale.schema import results
+from rafale.schema import bookkeeping, results
+
+
+@dataclass
+class StreamingSection:
+    """data.streaming: read the blocks from MDS shards through mosaicml-streaming (data/streaming.py).
+    Where they are read from changes nothing trained, so neither key is in the run hash; that they are
+    streamed is (Streaming shuffles in its own order)."""
+    remote: Optional[str] = bookkeeping(None)  # what `rafale prepare --to-mds DIR` wrote: DIR, or a copy in s3://...
+    local: Optional[str] = bookkeeping(None)  # Streaming's local cache; default $RAFALE_HOME/streaming/<remote hash>
 
 
 @dataclass
@@ -43,6 +52,14 @@ class CausalLMData(DataSection):
     eos_token: Optional[str] = results(None)  # appended after each document; default: the tokenizer's own
     # concat: a block is one sequence; document: positions and attention restart at every document
     packing: Literal["concat", "document"] = results("concat", added=True)
+    streaming: Optional[StreamingSection] = results(None, added=True)  # train from MDS shards, not the cache
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.streaming is not None and not self.streaming.remote:
+            problems.append("data.streaming.remote: missing; name the directory `rafale prepare -c CONFIG --to-mds "
+                            "DIR` wrote (or its copy in object storage)")
+        return problems
 
 
 class PackedBlocks:

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from composer.core import DataSpec
 from composer.utils import dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 
 class BlockDataset(Dataset):
@@ -57,7 +57,12 @@ def build_dataloader(dataset, batch_size: int, shuffle: bool, seed: int, drop_la
 
 def pipeline_loader(pipeline, rows, meta: dict, batch_size: int, shuffle: bool, seed: int,
                     drop_last: bool) -> DataLoader:
-    """A DataLoader over one split of a pipeline's prepared data."""
+    """A DataLoader over one split of a pipeline's prepared data. A StreamingDataset (data/streaming.py)
+    partitions, shuffles and resumes itself, so it gets no sampler (and its `shuffle` and `seed` were
+    given when it was made)."""
+    if isinstance(rows, IterableDataset):
+        return DataLoader(rows, batch_size=batch_size, drop_last=drop_last, collate_fn=pipeline.collator(meta, seed),
+                          num_workers=0, pin_memory=torch.cuda.is_available())
     return build_dataloader(pipeline.dataset(rows), batch_size, shuffle, seed, drop_last,
                             collator=pipeline.collator(meta, seed))
 

@@ -145,3 +145,20 @@ def test_too_small_vocab_size_is_one_line_exit_2(corpus, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().count("\n") == 0 and "model.vocab_size (200)" in bad.stderr, bad.stderr
     assert not (tmp_path / "home" / "runs").exists()
+
+
+def test_the_bundled_default_validation_split_has_3_105_characters_per_target_token(rafale_home):
+    """The README's conversion of the default run's loss per token into loss per character."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from rafale.build import build_data
+    from rafale.config import load_config
+    from rafale.paths import resolve_tokenizer
+
+    cfg = load_config("pythia-tinyshakespeare", [])
+    val = np.asarray(build_data(cfg).val)
+    tok = Tokenizer.from_file(str(resolve_tokenizer(cfg.data.tokenizer)))
+    targets = val[:, 1:]  # each block's first token is no target
+    chars = sum(len(tok.decode([int(t) for t in row])) for row in targets)
+    assert round(chars / targets.size, 3) == 3.105

@@ -4,6 +4,9 @@ and then makes the one `Trainer(...)`; generate, eval and export call the ones t
 
 This is also where model problems become user messages: rafale/models/ raises plain `ModelError`s,
 and `network_for` names the config key each one belongs to (model.preset, model.init_from, model.n_heads).
+
+Module level imports no torch: `network_config` resolves the network config a model section builds
+from the families' tables alone, which is all `rafale config show` needs.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from rafale import components
 from rafale.components import Component
@@ -21,8 +24,10 @@ from rafale.config import Config, vocab_follows_tokenizer
 from rafale.data.pipeline import Pipeline, pipeline_class
 from rafale.errors import UserError
 from rafale.models import ModelError, family_for_hf, preset, preset_names
-from rafale.models.weights import load_weights, open_weights, weight_files
 from rafale.paths import resolve_model_file
+
+if TYPE_CHECKING:
+    import torch
 
 # The size keys of the model section that override a preset's.
 SIZE_KEYS = ("n_layers", "n_heads", "d_model", "d_ff", "max_seq_len", "vocab_size")
@@ -124,6 +129,35 @@ def network_for(task: str, preset_name: str | None = None, init_from: str | None
     The tokenizer's `vocab_size` (and an encoder's `pad_id`) must fit the model. Builds on the current
     default device (torch.device("meta") for a skeleton: names and shapes only). `attention` is the
     decoder's kernel (model.attention)."""
+    from rafale.models.weights import load_weights, open_weights, weight_files
+
+    path = resolve_model_file(init_from, where) if init_from is not None else None
+    if path is not None and path.suffix != ".gguf" and not path.is_dir():
+        try:
+            weight_files(path)  # a missing path or a non-safetensors file fails here, early
+        except ModelError as e:
+            raise UserError(f"{where}: {e}") from None
+    family, cfg, gguf = network_config(task, preset_name, init_from, overrides, vocab_size, pad_id, where, attention)
+    try:
+        network = family.build(cfg, task, num_labels=len(labels) if labels is not None else None)
+        if gguf is not None:
+            fresh = load_weights(network, family, task, gguf, describe=str(path))
+        elif path is not None:
+            with open_weights(path) as weights:
+                fresh = load_weights(network, family, task, weights, describe=str(path))
+            if fresh and next(network.parameters()).device.type != "meta":
+                print(f"{where}: {', '.join(fresh)} not in the checkpoint, initialized fresh", file=sys.stderr)
+    except ModelError as e:
+        raise UserError(f"{where}: {e}") from None
+    return network
+
+
+def network_config(task: str, preset_name: str | None = None, init_from: str | None = None,
+                   overrides: dict | None = None, vocab_size: int | None = None, pad_id: int | None = None,
+                   where: str = "model.init_from", attention: str = "sdpa"):
+    """(family, network config, the GGUFModel when init_from is a .gguf file) of what `network_for`
+    builds with these arguments, and the same UserErrors, without torch: the shape comes from the
+    preset, config.json or the GGUF metadata; checkpoint tensors are not read."""
     overrides = overrides or {}
     path = resolve_model_file(init_from, where) if init_from is not None else None
     gguf = None
@@ -138,11 +172,6 @@ def network_for(task: str, preset_name: str | None = None, init_from: str | None
     elif path is not None and path.is_dir():
         family, cfg = _imported_config(task, path, overrides, where)
     else:
-        if path is not None:
-            try:
-                weight_files(path)  # a missing path or a non-safetensors file fails here, early
-            except ModelError as e:
-                raise UserError(f"{where}: {e}") from None
         family, cfg = _preset_config(task, preset_name, overrides, where)
     if attention != "sdpa":
         if not any(f.name == "attention" for f in dataclasses.fields(cfg)):
@@ -162,18 +191,7 @@ def network_for(task: str, preset_name: str | None = None, init_from: str | None
     if pad_id is not None and pad_id != cfg.pad_token_id:
         raise UserError(f"the tokenizer pads with id {pad_id} but model {source} expects pad_token_id "
                         f"{cfg.pad_token_id}; {encoder_hint}")
-    try:
-        network = family.build(cfg, task, num_labels=len(labels) if labels is not None else None)
-        if gguf is not None:
-            fresh = load_weights(network, family, task, gguf, describe=str(path))
-        elif path is not None:
-            with open_weights(path) as weights:
-                fresh = load_weights(network, family, task, weights, describe=str(path))
-            if fresh and next(network.parameters()).device.type != "meta":
-                print(f"{where}: {', '.join(fresh)} not in the checkpoint, initialized fresh", file=sys.stderr)
-    except ModelError as e:
-        raise UserError(f"{where}: {e}") from None
-    return network
+    return family, cfg, gguf
 
 
 def check_attention(attention: str, precision: str | None = None) -> None:
@@ -199,21 +217,41 @@ def build_network(cfg: Config, meta: dict, task: str | None = None, attention: s
     if isinstance(m, Component):
         network = _component_network(m, meta)
     else:
-        special = meta.get("special", {})
-        sizes = {k: getattr(m, k) for k in SIZE_KEYS if getattr(m, k) is not None}
-        if vocab_follows_tokenizer(cfg):
-            sizes.setdefault("vocab_size", padded_vocab(meta["vocab_size"]))
-        network = network_for(
-            task, m.preset, m.init_from, sizes,
-            vocab_size=meta["vocab_size"], pad_id=special["pad"][1] if task != "causal_lm" else None,
-            labels=meta.get("labels") if task == "classification" else None, attention=attention or m.attention)
+        network = network_for(task, m.preset, m.init_from, labels=meta.get("labels") if task == "classification"
+                              else None, **_network_args(cfg, meta, task, attention))
     if not isinstance(m, Component) and m.lora is not None:
         _add_lora(network, m.lora)
     limit = getattr(getattr(network, "cfg", None), "max_seq_len", getattr(network, "max_seq_len", None))
+    _check_context(cfg, limit)
+    return network
+
+
+def model_config(cfg: Config, meta: dict, task: str | None = None):
+    """(family, network config) of what build_network builds for a model section of rafale's own
+    networks (not model.class), with its UserErrors, without torch."""
+    task = task or pipeline_class(cfg.data.pipeline).task
+    family, ncfg, _ = network_config(task, cfg.model.preset, cfg.model.init_from,
+                                     **_network_args(cfg, meta, task, None))
+    if cfg.model.lora is not None and family.tasks != ("causal_lm",):
+        raise UserError(LORA_DECODERS_ONLY)
+    _check_context(cfg, ncfg.max_seq_len)
+    return family, ncfg
+
+
+def _network_args(cfg: Config, meta: dict, task: str, attention: str | None) -> dict:
+    """network_for's sizing arguments from the model section and the data's meta."""
+    m = cfg.model
+    sizes = {k: getattr(m, k) for k in SIZE_KEYS if getattr(m, k) is not None}
+    if vocab_follows_tokenizer(cfg):
+        sizes.setdefault("vocab_size", padded_vocab(meta["vocab_size"]))
+    pad_id = meta.get("special", {})["pad"][1] if task != "causal_lm" else None
+    return dict(overrides=sizes, vocab_size=meta["vocab_size"], pad_id=pad_id, attention=attention or m.attention)
+
+
+def _check_context(cfg: Config, limit: int | None) -> None:
     if limit is not None and limit < cfg.data.max_seq_len:
         raise UserError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's max_seq_len "
                         f"({limit}); lower it or set model.max_seq_len")
-    return network
 
 
 def as_built(cfg: Config, network: torch.nn.Module) -> Config:
@@ -224,14 +262,17 @@ def as_built(cfg: Config, network: torch.nn.Module) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=network.cfg.vocab_size))
 
 
+LORA_DECODERS_ONLY = ("model.lora: LoRA applies to rafale's decoders (presets and imported causal LMs); "
+                      "remove it for this model")
+
+
 def _add_lora(network: torch.nn.Module, lora) -> tuple[int, int]:
     """model.lora: wraps the targeted layers with adapters and freezes the rest."""
     from rafale.models.decoder import Decoder
     from rafale.models.lora import LoraConfig, apply_lora
 
     if not isinstance(network, Decoder):
-        raise UserError("model.lora: LoRA applies to rafale's decoders (presets and imported causal LMs); "
-                        "remove it for this model")
+        raise UserError(LORA_DECODERS_ONLY)
     try:
         return apply_lora(network, LoraConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                                               targets=list(lora.targets)))
@@ -246,6 +287,8 @@ def _component_network(m: Component, meta: dict) -> torch.nn.Module:
     extra = {"vocab_size": meta["vocab_size"]} if components.accepts(target, "vocab_size") and \
         "vocab_size" not in m.kwargs else {}
     network = components.build(m, "model.class", **extra)
+    import torch
+
     if not isinstance(network, torch.nn.Module):
         raise UserError(f"model.class: {m.path} returned a {type(network).__name__}, not a torch.nn.Module")
     return network
@@ -268,6 +311,8 @@ def build_model(cfg: Config, meta: dict):
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict]:
     """Two groups: decayed, and the parameter kinds in `no_decay` (norm, bias, embedding)."""
+    import torch
+
     kinds: dict[int, set[str]] = {}
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -287,6 +332,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: list[str
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """optim.name's optimizer over two parameter groups (weight decay, none); or optim.class with its
     keyword arguments over the trainable parameters as one group."""
+    import torch
+
     o = cfg.optim
     if isinstance(o, Component):
         return components.build(o, "optim.class", [p for p in model.parameters() if p.requires_grad])

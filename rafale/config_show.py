@@ -2,8 +2,12 @@
 costs: exact parameter counts of the network it builds, training FLOPs per token, tokens per step
 and an estimate of the peak memory of training it on CPU.
 
-The network is built on torch's meta device (shapes, no memory, no weights read), so the counts are
-those of the model training builds; Composer is not imported. The memory estimate adds up:
+Neither torch nor Composer is imported: the counts come from the network config the model section
+resolves to (rafale/build.py `model_config`) through the parameter shapes of rafale/models/shapes.py,
+which the tests hold to the built networks, and the vocabulary and labels from the tokenizer and the
+label column (the pipeline's `network_meta`), not from preparing the data. A network only a
+user's code knows (model.class) or FLOPs only a user's pipeline counts (its own `flops`) are
+measured on the network built on torch's meta device instead. The memory estimate adds up:
 
     runtime      the process once torch, Composer and the data libraries are imported (RUNTIME_MB,
                  measured: ru_maxrss after `import rafale.train` on CPU, torch 2.7 and Composer 0.32)
@@ -15,9 +19,10 @@ those of the model training builds; Composer is not imported. The memory estimat
 bench/train_memory.py compares it with the measured peak RSS of every bundled config.
 """
 
-import torch
-
+from rafale.components import Component
 from rafale.config import Config
+from rafale.errors import UserError
+from rafale.models.family import ModelError
 
 MB = 2 ** 20
 RUNTIME_MB = 810
@@ -29,9 +34,12 @@ OPTIMIZER_STATES = {"adamw": 2, "decoupled_adamw": 2, "lion": 1, "sgd": 1}
 HEAD_CHUNK_ROWS = 512  # rafale.models.losses: rows of logits the fused head computes at a time
 
 
-def parameter_counts(network: torch.nn.Module, vocab_size: int | None) -> dict:
-    """total (each shared tensor once), embedding (token, position and type tables), head (an output
-    projection onto the vocabulary that is not the embedding itself) and trainable (requires_grad)."""
+def parameter_counts(network, vocab_size: int | None) -> dict:
+    """A built network's counts (torch.nn.Module): total (each shared tensor once), embedding (token,
+    position and type tables), head (an output projection onto the vocabulary that is not the embedding
+    itself) and trainable (requires_grad)."""
+    import torch
+
     params = {id(p): p for p in network.parameters()}.values()
     embeddings = {id(m.weight): m.weight for m in network.modules() if isinstance(m, torch.nn.Embedding)}
     head = {id(m.weight): m.weight for m in network.modules()
@@ -45,24 +53,70 @@ def parameter_counts(network: torch.nn.Module, vocab_size: int | None) -> dict:
 
 def describe(cfg: Config) -> dict:
     """{"hash", "config", "parameters", "flops_per_token", "tokens_per_step", "memory"}."""
-    from rafale.build import build_network, pipeline_of
+    from rafale.build import model_config, pipeline_of
+    from rafale.models import shapes
 
     pipeline = pipeline_of(cfg)
+    if isinstance(cfg.model, Component) or not _counts_own_flops(type(pipeline)):
+        return _describe_built(cfg, pipeline)
+    meta = pipeline.network_meta()
+    family, ncfg = model_config(cfg, meta, pipeline.task)
+    lora = _lora(cfg.model.lora)
+    try:
+        params = shapes.parameter_shapes(ncfg, pipeline.task, len(meta.get("labels") or ()), lora)
+    except ModelError as e:
+        raise UserError(str(e)) from None
+    counts = shapes.counts(params, lora is not None)
+    seq = cfg.data.max_seq_len
+    return {"hash": cfg.hash(), "config": cfg.to_dict(), "parameters": counts,
+            "flops_per_token": pipeline.sequence_flops(ncfg, counts, seq) / seq,
+            "tokens_per_step": cfg.train.global_batch_size * seq,
+            "memory": memory_estimate(cfg, ncfg, pipeline.task == "causal_lm", counts, ncfg.vocab_size)}
+
+
+def _counts_own_flops(pipeline: type) -> bool:
+    """Whether the class that defines the pipeline's `sequence_flops` also defines its `flops` (or a
+    subclass of it): a user's pipeline that overrides only `flops` needs the network."""
+    owner = {attr: next(c for c in pipeline.__mro__ if attr in vars(c)) for attr in ("flops", "sequence_flops")}
+    return issubclass(owner["sequence_flops"], owner["flops"])
+
+
+def _lora(section):
+    from rafale.models.configs import LoraConfig
+
+    if section is None:
+        return None
+    try:
+        return LoraConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout, targets=list(section.targets))
+    except ModelError as e:
+        raise UserError(str(e)) from None
+
+
+def _describe_built(cfg: Config, pipeline) -> dict:
+    """describe() by building the network on the meta device: model.class networks exist only as the
+    user's code builds them, and a user's own `flops` reads the network."""
+    import torch
+
+    from rafale.build import build_network
+
     meta = pipeline.model_meta()
     with torch.device("meta"):
         network = build_network(cfg, meta)
     seq = cfg.data.max_seq_len
-    vocab = getattr(getattr(network, "cfg", None), "vocab_size", meta.get("vocab_size"))  # padded, as built
+    ncfg = getattr(network, "cfg", None)
+    vocab = getattr(ncfg, "vocab_size", meta.get("vocab_size"))  # padded, as built
     counts = parameter_counts(network, vocab)
     flops = pipeline.flops(network, _full_sequence(cfg)) / seq
     return {"hash": cfg.hash(), "config": cfg.to_dict(), "parameters": counts, "flops_per_token": flops,
             "tokens_per_step": cfg.train.global_batch_size * seq,
-            "memory": memory_estimate(cfg, network, counts, vocab)}
+            "memory": memory_estimate(cfg, ncfg, hasattr(network, "embed_out"), counts, vocab)}
 
 
 def _full_sequence(cfg: Config) -> dict:
     """A batch of one max_seq_len sequence for the pipeline's `flops`: its shapes are all that counts,
     and for masked LM the share of positions with a target (data.mlm_probability)."""
+    import torch
+
     from rafale.data.pipeline import IGNORE_INDEX
 
     seq = cfg.data.max_seq_len
@@ -71,9 +125,9 @@ def _full_sequence(cfg: Config) -> dict:
     return {"input_ids": torch.zeros(1, seq, dtype=torch.long), "labels": labels}
 
 
-def memory_estimate(cfg: Config, network: torch.nn.Module, counts: dict, vocab_size: int | None) -> dict:
-    """Peak RSS of training on CPU in fp32, in MB, and its parts."""
-    ncfg = getattr(network, "cfg", None)
+def memory_estimate(cfg: Config, ncfg, decoder: bool, counts: dict, vocab_size: int | None) -> dict:
+    """Peak RSS of training on CPU in fp32, in MB, and its parts, for a network of config `ncfg` (None:
+    not rafale's, no activations counted); `decoder`: it has the fused head of a causal LM."""
     optim = getattr(cfg.optim, "name", "adamw")
     state = counts["total"] * 4 + counts["trainable"] * 4 * (1 + OPTIMIZER_STATES.get(optim, 2))
     activations = head = 0
@@ -81,7 +135,7 @@ def memory_estimate(cfg: Config, network: torch.nn.Module, counts: dict, vocab_s
         tokens = min(cfg.train.device_microbatch_size, cfg.train.global_batch_size) * cfg.data.max_seq_len
         d, d_ff = ncfg.d_model, ncfg.d_ff
         activations = tokens * ncfg.n_layers * (ACTIVATION_FLOATS[0] * d + ACTIVATION_FLOATS[1] * d_ff) * 4
-        if hasattr(network, "embed_out") and vocab_size:  # a decoder: the fused head's chunk of logits
+        if decoder and vocab_size:  # a decoder: the fused head's chunk of logits
             head = min(HEAD_CHUNK_ROWS, tokens) * vocab_size * 4
         elif hasattr(cfg.data, "mlm_probability") and vocab_size:
             # masked LM: logits, their log-softmax and its gradient at the masked positions

@@ -14,7 +14,10 @@ import transformers
 from rafale.build import network_for
 from rafale.config import load_config
 from rafale.config_show import describe, parameter_counts
-from rafale.models import FAMILIES, preset_names
+from rafale.models import FAMILIES, preset, preset_names
+from rafale.models.configs import LoraConfig
+from rafale.models.lora import apply_lora
+from rafale.models.shapes import counts, parameter_shapes
 from test.conftest import REPO
 
 CASES = [(name, task) for f in FAMILIES for name in f.presets for task in f.tasks]
@@ -39,6 +42,84 @@ def test_counts_equal_transformers_model(preset, task):
     hf_head = hf.get_output_embeddings() if task != "classification" else None
     untied = hf_head is not None and hf_head.weight is not hf.get_input_embeddings().weight
     assert counts["head"] == (hf_head.weight.numel() if untied else 0)
+
+
+# Overrides that switch every part of the layout: GQA / MHA, untied / tied heads, biases, SwiGLU / GELU,
+# both norms, partial rotary; encoders with other widths, depths and position tables.
+DECODER_GRID = [{}, {"tie_embeddings": True}, {"tie_embeddings": False}, {"n_kv_heads": 1}, {"bias": True},
+                {"bias": False, "qkv_bias": True}, {"mlp": "gelu", "d_ff": 96}, {"mlp": "swiglu"},
+                {"norm": "rmsnorm", "parallel_residual": False}, {"norm": "layernorm"}, {"vocab_size": 1000, "n_layers": 3}]
+ENCODER_GRID = [{}, {"d_ff": 100, "n_layers": 3}, {"vocab_size": 777, "type_vocab_size": 3}, {"max_seq_len": 64}]
+SHAPE_CASES = [(name, task, grid) for f in FAMILIES for name in f.presets if name.endswith(("micro", "tiny", "14m"))
+               for task in f.tasks for grid in (DECODER_GRID if task == "causal_lm" else ENCODER_GRID)]
+
+
+def _named_shapes(network) -> dict:
+    return {name: tuple(p.shape) for name, p in network.named_parameters()}
+
+
+@pytest.mark.parametrize("preset_name,task", CASES, ids=[f"{p}-{t}" for p, t in CASES])
+def test_shapes_equal_built_network_every_preset(preset_name, task):
+    family, fields = preset(preset_name)
+    cfg = family.make_config(fields)
+    with torch.device("meta"):
+        network = family.build(cfg, task, num_labels=3 if task == "classification" else None)
+    assert parameter_shapes(cfg, task, 3) == _named_shapes(network)
+
+
+@pytest.mark.parametrize("preset_name,task,grid", SHAPE_CASES)
+def test_shapes_equal_built_network_overrides(preset_name, task, grid):
+    family, fields = preset(preset_name)
+    cfg = family.make_config({**fields, **grid})
+    for labels in ((2, 5) if task == "classification" else (None,)):
+        with torch.device("meta"):
+            network = family.build(cfg, task, num_labels=labels)
+        shapes = parameter_shapes(cfg, task, labels)
+        assert shapes == _named_shapes(network)
+        assert counts(shapes) == parameter_counts(network, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("targets", [["all"], ["attention"], ["mlp"], ["qkv"], ["proj", "fc_out"], ["fc_gate"]])
+@pytest.mark.parametrize("preset_name", ["gpt-micro", "pythia-micro"])
+def test_lora_shapes_and_trainable_counts(preset_name, targets):
+    family, fields = preset(preset_name)
+    cfg = family.make_config(fields)
+    lora = LoraConfig(rank=4, targets=targets)
+    with torch.device("meta"):
+        network = family.build(cfg, "causal_lm")
+    if targets == ["fc_gate"] and cfg.mlp == "gelu":  # no such layer: both refuse it the same way
+        with pytest.raises(Exception) as built:
+            apply_lora(network, lora)
+        with pytest.raises(Exception) as counted:
+            parameter_shapes(cfg, "causal_lm", lora=lora)
+        assert str(built.value) == str(counted.value)
+        return
+    apply_lora(network, lora)
+    shapes = parameter_shapes(cfg, "causal_lm", lora=lora)
+    assert shapes == _named_shapes(network)
+    assert counts(shapes, lora=True) == parameter_counts(network, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("name", ["pythia-tinyshakespeare", "llama-tinystories", "bert-wikitext-mlm", "bert-sst2"])
+def test_show_imports_neither_torch_nor_composer(tmp_path, name):
+    code = ("import json, sys; from rafale.cli import main\n"
+            f"assert main(['config', 'show', '-c', {name!r}, '--json']) == 0\n"
+            "print(json.dumps({m: m in sys.modules for m in ('torch', 'composer')}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "RAFALE_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"torch": False, "composer": False}
+    assert not (tmp_path / "data").exists()  # no data cache prepared, for encoders either
+
+
+def test_show_counts_equal_the_built_network():
+    """The torch-free figures equal those of the network training builds, for each bundled pipeline kind."""
+    from rafale.config_show import _describe_built
+    from rafale.build import pipeline_of
+
+    for name in ("pythia-tinyshakespeare", "llama-tinystories", "bert-wikitext-mlm", "bert-sst2", "roberta-imdb"):
+        cfg = load_config(name, [])
+        assert describe(cfg) == _describe_built(cfg, pipeline_of(cfg)), name
 
 
 def test_all_presets_are_covered():

@@ -223,6 +223,15 @@ def mean_next_token_loss(network, batch: dict):
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def decoder_flops(cfg, params: int, embedding: int, T: int) -> float:
+    """`CausalLM.flops` of one T-token sequence through a decoder of `cfg` with `params` parameters, of
+    which `embedding` in the input lookup."""
+    if not cfg.tie_embeddings:
+        params -= embedding
+    attn_flops_per_seq = cfg.n_layers * 2 * 2 * cfg.d_model * T * T
+    return float(6 * params * T + 3 * attn_flops_per_seq)
+
+
 class CausalLM(Pipeline):
     name = "causal_lm"
     Section = CausalLMData
@@ -309,10 +318,10 @@ class CausalLM(Pipeline):
             return super().flops(network, batch)
         B, T = batch["input_ids"].shape[:2]
         params = sum(p.numel() for p in network.parameters())
-        if not cfg.tie_embeddings:
-            params -= network.embed_in.weight.numel()
-        attn_flops_per_seq = cfg.n_layers * 2 * 2 * cfg.d_model * T * T
-        return float(B * (6 * params * T + 3 * attn_flops_per_seq))
+        return B * decoder_flops(cfg, params, network.embed_in.weight.numel(), T)
+
+    def sequence_flops(self, cfg, counts: dict, seq: int) -> float:
+        return decoder_flops(cfg, counts["total"], counts["embedding"], seq)
 
     def export_tokens(self, meta: dict, tokenizer, tokenizer_path) -> dict:
         # rafale's causal pipeline puts the eos token between documents and adds no bos, so the separator

@@ -27,7 +27,7 @@ import numpy as np
 
 from rafale.data import cache, tokenize
 from rafale.data.cache import PreparedData
-from rafale.data.mlm import encoder_flops, encoder_inputs, encoder_tokens
+from rafale.data.mlm import encoder_flops, encoder_flops_of, encoder_inputs, encoder_tokens, tokenizer_meta
 from rafale.data.pipeline import DataSection, Pipeline
 from rafale.errors import UserError
 from rafale.schema import results
@@ -318,6 +318,19 @@ class Classification(Pipeline):
 
     def flops(self, network, batch: dict) -> float:
         return encoder_flops(network, batch)
+
+    def sequence_flops(self, cfg, counts: dict, seq: int) -> float:
+        return encoder_flops_of(cfg, counts["total"], counts["embedding"], 1, seq)
+
+    def network_meta(self) -> dict:
+        """The tokenizer's size and special tokens, and the label names from the label column alone
+        (the texts are neither tokenized nor cached): the classifier's output size."""
+        d = self.data
+        fields = {"label_field": d.label_field}
+        labels = {split: read_split(tokenize.list_sources(spec, f"data.{split}"), fields, f"data.{split}")["label_field"]
+                  for split, spec in (("train", d.train), ("val", d.val)) if spec is not None}
+        names, _, _ = label_ids(labels["train"], labels.get("val", []), "data")
+        return {**tokenizer_meta(d.tokenizer, need=("cls", "sep", "pad")), "labels": names}
 
     def eval_extras(self, meta: dict, device=None) -> list:
         return [ConfusionMatrix(meta["labels"], device)]

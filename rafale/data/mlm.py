@@ -153,11 +153,15 @@ def encoder_flops(network, batch: dict, head_tokens: int = 0) -> float:
     """Training FLOPs, counted as for the decoder: 6 per weight per token it multiplies (embedding lookups
     excluded) plus the attention matmuls, plus `head_tokens` rows through the (tied) output matrix."""
     B, T = batch["input_ids"].shape
-    cfg, enc = network.cfg, network.encoder
+    enc = network.encoder
     embeds = sum(m.weight.numel() for m in (enc.embed_tokens, enc.embed_positions, enc.embed_types))
-    body = sum(p.numel() for p in network.parameters()) - embeds
-    flops = 6 * body * B * T + 3 * cfg.n_layers * 2 * 2 * cfg.d_model * T * T * B
-    return float(flops + 6 * enc.embed_tokens.weight.numel() * head_tokens)
+    return encoder_flops_of(network.cfg, sum(p.numel() for p in network.parameters()), embeds, B, T, head_tokens)
+
+
+def encoder_flops_of(cfg, params: int, embedding: int, B: int, T: int, head_tokens: int = 0) -> float:
+    """`encoder_flops` from the config and parameter counts: `embedding` in the three lookup tables."""
+    flops = 6 * (params - embedding) * B * T + 3 * cfg.n_layers * 2 * 2 * cfg.d_model * T * T * B
+    return float(flops + 6 * cfg.vocab_size * cfg.d_model * head_tokens)
 
 
 class MaskedLM(Pipeline):
@@ -211,8 +215,27 @@ class MaskedLM(Pipeline):
     def flops(self, network, batch: dict) -> float:
         return encoder_flops(network, batch, head_tokens=int((batch["labels"] != IGNORE_INDEX).sum()))
 
+    def sequence_flops(self, cfg, counts: dict, seq: int) -> float:
+        # the share of positions a masked block has targets at
+        head_tokens = round(self.data.mlm_probability * seq)
+        return encoder_flops_of(cfg, counts["total"], counts["embedding"], 1, seq, head_tokens)
+
+    def network_meta(self) -> dict:
+        return tokenizer_meta(self.data.tokenizer, need=("cls", "sep", "pad", "mask"))
+
     def export_tokens(self, meta: dict, tokenizer, tokenizer_path) -> dict:
         return encoder_tokens(tokenizer, tokenizer_path)
+
+
+def tokenizer_meta(tokenizer: str, need: tuple[str, ...], key_prefix: str = "data") -> dict:
+    """vocab_size and special tokens of an encoder pipeline's tokenizer, as its cache entry's meta holds
+    them, read from the tokenizer alone."""
+    from rafale.paths import resolve_tokenizer
+
+    path = resolve_tokenizer(tokenizer, f"{key_prefix}.tokenizer")
+    tok = tokenize.load_tokenizer(path.read_bytes(), f"{key_prefix}.tokenizer {path}")
+    return {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
+            "special": tokenize.special_tokens(tok, f"{key_prefix}.tokenizer", path, need=need)}
 
 
 def encoder_tokens(tokenizer, tokenizer_path) -> dict:

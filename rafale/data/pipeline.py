@@ -150,6 +150,17 @@ class Pipeline:
         n = sum(p.numel() for p in network.parameters())
         return float(6 * n * batch["input_ids"].numel())
 
+    def sequence_flops(self, cfg, counts: dict, seq: int) -> float:
+        """What `flops` gives for a batch of one seq-token sequence, from the network config and its
+        parameter counts (rafale/models/shapes.py) instead of the network: `rafale config show` builds
+        none. A pipeline that overrides `flops` overrides this too, or config show builds the network."""
+        return float(6 * counts["total"] * seq)
+
+    def network_meta(self) -> dict:
+        """The part of model_meta() that sizes the network (vocab_size; encoders: special tokens, labels),
+        read as cheaply as the pipeline can: `rafale config show` prepares no data. By default model_meta()."""
+        return self.model_meta()
+
     # --- reports ---
     def eval_extras(self, meta: dict, device) -> list:
         """Accumulators `rafale eval` reports besides the metrics: objects with update(batch, outputs)

@@ -271,10 +271,6 @@ class Preference(Pipeline):
     def update_metric(self, batch: dict, outputs, metric) -> None:
         metric.update(outputs, len(batch["index"]))
 
-    def flops(self, network, batch: dict) -> float:
-        n = sum(p.numel() for p in network.parameters())
-        return float(6 * n * batch["input_ids"].numel())
-
     def export_tokens(self, meta: dict, tokenizer, tokenizer_path) -> dict:
         eos, eos_id = meta["tokenizer"]["eos_token"], meta["tokenizer"]["eos_id"]
         return {"config": {"bos_token_id": eos_id, "eos_token_id": eos_id},

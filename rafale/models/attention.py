@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rafale.models.configs import BACKENDS
 from rafale.models.family import ModelError
 
-BACKENDS = ("sdpa", "flex", "flash")
 FLASH_INSTALL = "pip install packaging ninja && pip install flash-attn==2.8.3.post2 --no-build-isolation"
 
 

@@ -9,14 +9,18 @@ head's tensors that are missing (a BertModel into a masked LM, an MLM checkpoint
 start fresh, as transformers does.
 """
 
+from __future__ import annotations
+
 import copy
 import re
+from typing import TYPE_CHECKING
 
-import torch
-
+from rafale.models.configs import EncoderConfig
 from rafale.models.decoder_family import DTYPE_NAMES
-from rafale.models.encoder import EncoderConfig, EncoderForClassification, EncoderForMaskedLM
 from rafale.models.family import Family, ModelError, inverse, template
+
+if TYPE_CHECKING:  # the tables load without torch (rafale config show); the networks need it
+    import torch
 
 # Google's compact BERTs (Turc et al. 2019, google/bert_uncased_L-*_H-*), bert-base / large (uncased)
 # with the bert-base-uncased vocabulary (30,522 WordPiece tokens); FacebookAI's RoBERTa with its
@@ -158,6 +162,8 @@ class Bert(Family):
         return EncoderConfig(**copy.deepcopy(fields))
 
     def build(self, cfg: EncoderConfig, task: str, num_labels: int | None = None):
+        from rafale.models.encoder import EncoderForClassification, EncoderForMaskedLM
+
         return EncoderForMaskedLM(cfg) if task == "mlm" else EncoderForClassification(cfg, num_labels)
 
     def owns(self, cfg) -> bool:
@@ -189,7 +195,7 @@ class Bert(Family):
         arch = ARCHITECTURES[cfg.family]
         out = {"architectures": [arch["classes"][task]], "model_type": cfg.family}
         out.update({key: getattr(cfg, ours) for ours, key in CONFIG.items()})
-        out.update(_FIXED, max_position_embeddings=cfg.n_positions, torch_dtype=DTYPE_NAMES[dtype])
+        out.update(_FIXED, max_position_embeddings=cfg.n_positions, torch_dtype=DTYPE_NAMES[str(dtype)])
         if bos_token_id is not None:
             out.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id)
         if task == "classification":
@@ -211,6 +217,8 @@ class Bert(Family):
         return list(tensor.chunk(3, dim=0)) if template(name)[0] in QKV else [tensor]
 
     def join(self, cfg, task, name, parts):
+        import torch
+
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def canonical(self, cfg: EncoderConfig, hf_key: str) -> str:

@@ -15,85 +15,14 @@ and the logits match transformers to float precision (test/test_models_parity.py
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rafale.models import attention
-from rafale.models.family import ModelError
+from rafale.models.configs import DecoderConfig
 from rafale.models.losses import linear_cross_entropy
-
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-@dataclass
-class DecoderConfig:
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    max_seq_len: int
-    n_kv_heads: int | None = None  # None: n_heads (multi-head); fewer: grouped-query attention
-    d_ff: int | None = None  # None: 4 * d_model (gelu), 8/3 * d_model rounded up to 64 (swiglu)
-    norm: str = "layernorm"  # or "rmsnorm"
-    mlp: str = "gelu"  # "gelu": fc_out(gelu(fc_in(x))); "swiglu": fc_out(silu(fc_gate(x)) * fc_in(x))
-    bias: bool = True  # a bias on every Linear (NeoX); Llama has none
-    qkv_bias: bool | None = None  # None: same as `bias`; Qwen2 has q/k/v biases and no others
-    rotary_pct: float = 0.25  # fraction of each head's dims that get rotary (the first ones)
-    rope_theta: float = 10000.0
-    # None, or Llama 3.1's frequency scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
-    # "high_freq_factor", "original_max_position_embeddings"} as in a Llama-3 config.json.
-    rope_scaling: dict | None = None
-    parallel_residual: bool = True  # x + attn(ln1(x)) + mlp(ln2(x)), as GPT-J / Pythia
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    attention: str = "sdpa"  # the kernel: sdpa, flex or flash (models/attention.py); same numbers up to rounding
-    head_dim: int = field(init=False)
-    rotary_dim: int = field(init=False)
-
-    def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ModelError(f"{name} must be >= 1, got {getattr(self, name)}", name)
-        if self.d_model % self.n_heads:
-            raise ModelError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})", "n_heads")
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
-            raise ModelError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})", "n_kv_heads")
-        if self.norm not in NORMS:
-            raise ModelError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}", "norm")
-        if self.attention not in attention.BACKENDS:
-            raise ModelError(f"attention must be one of {', '.join(attention.BACKENDS)}, got {self.attention!r}",
-                             "attention")
-        if self.mlp not in MLPS:
-            raise ModelError(f"mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}", "mlp")
-        if self.d_ff is None:
-            # SwiGLU has three matrices, not two: 8/3 d keeps the parameter count of a 4d GELU MLP
-            # (Llama rounds up to a multiple of 256; 64 keeps the CPU-sized presets small).
-            self.d_ff = 4 * self.d_model if self.mlp == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
-        if self.qkv_bias is None:
-            self.qkv_bias = self.bias
-        if not 0.0 <= self.rotary_pct <= 1.0:
-            raise ModelError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}", "rotary_pct")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type")
-            missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
-            if kind != "llama3" or missing:
-                raise ModelError(f"rope_scaling: only rope_type llama3 with {', '.join(LLAMA3_ROPE_KEYS)} is "
-                                 f"supported, got {self.rope_scaling}", "rope_scaling")
-        self.head_dim = self.d_model // self.n_heads
-        # int() truncation as in transformers' GPTNeoXAttention.rotary_ndims.
-        self.rotary_dim = int(self.head_dim * self.rotary_pct)
-        if self.rotary_dim % 2:
-            raise ModelError(f"rotary dims per head (head_dim {self.head_dim} x rotary_pct {self.rotary_pct} = "
-                             f"{self.rotary_dim}) must be even; change n_heads", "n_heads")
-
 
 class KVCache:
     """Keys and values of every layer for up to `max_len` positions, allocated once.

@@ -9,13 +9,18 @@ rafale implements one value of. This module is the code that reads those tables.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
-import torch
-
-from rafale.models.decoder import Decoder, DecoderConfig
+from rafale.models.configs import DecoderConfig
 from rafale.models.family import Family, ModelError, template
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+if TYPE_CHECKING:  # the family's tables load without torch; the network (models/decoder.py) needs it
+    import torch
+
+    from rafale.models.decoder import Decoder
+
+# config.json's torch_dtype of the dtypes rafale exports, by torch's name for them (torch.float32, ...).
+DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 
 
 class DecoderFamily(Family):
@@ -37,6 +42,8 @@ class DecoderFamily(Family):
         return DecoderConfig(**copy.deepcopy(fields))
 
     def build(self, cfg: DecoderConfig, task: str, num_labels: int | None = None) -> Decoder:
+        from rafale.models.decoder import Decoder
+
         return Decoder(cfg)
 
     def export_type(self, cfg: DecoderConfig) -> str:
@@ -93,7 +100,7 @@ class DecoderFamily(Family):
         out = {"architectures": [arch["hf_class"]], "model_type": model_type}
         out.update({key: getattr(cfg, ours) for ours, key in arch["config"].items()})
         out.update(arch["fixed"])
-        out.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id, torch_dtype=DTYPE_NAMES[dtype])
+        out.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id, torch_dtype=DTYPE_NAMES[str(dtype)])
         return out
 
     def hf_names(self, cfg: DecoderConfig, task: str, name: str) -> list[str]:

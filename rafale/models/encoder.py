@@ -19,54 +19,12 @@ one [q; k; v] matrix), and hidden states and logits match transformers to float 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rafale.models.configs import EncoderConfig
 from rafale.models.family import ModelError
-
-FAMILIES = ("bert", "roberta")
-
-
-@dataclass
-class EncoderConfig:
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    max_seq_len: int  # tokens per sequence, [CLS] / <s> and [SEP] / </s> included
-    d_ff: int | None = None  # None: 4 * d_model
-    family: str = "bert"  # or "roberta": positions from pad_token_id + 1, RoBERTa's class head
-    type_vocab_size: int = 2  # BERT: segments A and B; RoBERTa: 1
-    pad_token_id: int = 0  # BERT [PAD] 0, RoBERTa <pad> 1
-    norm_eps: float = 1e-12  # BERT 1e-12, RoBERTa 1e-5
-    dropout: float = 0.1  # after embeddings, attention output and MLP (hidden_dropout_prob)
-    attn_dropout: float = 0.1  # on attention probabilities (attention_probs_dropout_prob)
-    classifier_dropout: float | None = None  # None: `dropout`, as transformers does
-    init_std: float = 0.02
-    head_dim: int = field(init=False)
-    position_offset: int = field(init=False)  # position of the first token: 0, or pad_token_id + 1
-    n_positions: int = field(init=False)  # rows of the position table (max_position_embeddings)
-
-    def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "type_vocab_size"):
-            if getattr(self, name) < 1:
-                raise ModelError(f"{name} must be >= 1, got {getattr(self, name)}", name)
-        if self.family not in FAMILIES:
-            raise ModelError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}", "family")
-        if self.d_model % self.n_heads:
-            raise ModelError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})", "n_heads")
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ModelError(f"pad_token_id ({self.pad_token_id}) must be a token id below vocab_size "
-                             f"({self.vocab_size})", "pad_token_id")
-        self.head_dim = self.d_model // self.n_heads
-        self.position_offset = self.pad_token_id + 1 if self.family == "roberta" else 0
-        self.n_positions = self.max_seq_len + self.position_offset
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: EncoderConfig):

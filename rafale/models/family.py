@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import difflib
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: the families load without torch (rafale config show)
+    import torch
 
 # Tasks a network can be built for; a pipeline names the one it trains (rafale/data/pipeline.py).
 TASKS = ("causal_lm", "mlm", "classification")

@@ -20,11 +20,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import gguf
-import torch
 from gguf.quants import dequantize
 
 from rafale.models.family import ModelError, template
+
+if TYPE_CHECKING:  # the metadata reads without torch (rafale config show); get_tensor makes tensors
+    import torch
 
 MAGIC = b"GGUF"
 
@@ -133,6 +137,8 @@ class GGUFModel:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor `name` (an HF name), dequantized to a new float32 tensor."""
+        import torch
+
         t = self._tensors[name]
         w = dequantize(t.data, t.tensor_type)
         if not w.flags.writeable:  # F32 comes back as a view of the read-only memory map

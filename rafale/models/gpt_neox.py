@@ -7,7 +7,7 @@ q/k/v per head as [q_h, k_h, v_h], which is rafale's layout as is: every tensor 
 
 import re
 
-from rafale.models.decoder import DecoderConfig
+from rafale.models.configs import DecoderConfig
 from rafale.models.decoder_family import DecoderFamily
 
 # The exact shapes of EleutherAI's Pythia checkpoints (their config.json: vocab 50304, 2048 positions,

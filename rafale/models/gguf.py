@@ -8,24 +8,29 @@ float32 one at a time, on request) and a `tokenizers` tokenizer.json built from 
         .tokenizer_json, .chat_template, .bos_token, .eos_token, .pad_token, .unk_token
         .architecture, .quantization    for messages
 
-The file stays memory-mapped (gguf.GGUFReader); `get_tensor` dequantizes one tensor with
-gguf.quants.dequantize, so reading a whole model holds the model plus one tensor. llama.cpp's
-converter permutes the rows of q and k within each head (its rotary embedding rotates adjacent pairs
-of dimensions, HF's the two halves of a head); `_unpermute` puts them back exactly as transformers'
-GGUF loader does.
+The metadata and tensor index come from gguf_header.py, a fast read of the header alone (config show
+and the tokenizer need no more); the tensors from a gguf.GGUFReader opened on the first `get_tensor`,
+which keeps the file memory-mapped and dequantizes one tensor at a time with gguf.quants.dequantize,
+so reading a whole model holds the model plus one tensor. llama.cpp's converter permutes the rows of q
+and k within each head (its rotary embedding rotates adjacent pairs of dimensions, HF's the two halves
+of a head); `_unpermute` puts them back exactly as transformers' GGUF loader does.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 import gguf
+import numpy as np
 from gguf.quants import dequantize
 
 from rafale.models.family import ModelError, template
+from rafale.models.gguf_header import GGUFHeader, HeaderError, read_header
 
 if TYPE_CHECKING:  # the metadata reads without torch (rafale config show); get_tensor makes tensors
     import torch
@@ -105,20 +110,24 @@ PRE_TOKENIZERS: dict[str, dict] = {
 class GGUFModel:
     """One GGUF file, read as HF names and values (see the module docstring). Build it with `read_gguf`."""
 
-    def __init__(self, path: Path, reader, meta: dict, arch: dict):
+    def __init__(self, path: Path, header: GGUFHeader, arch: dict):
         self.path = path
+        meta = header.metadata
         self.architecture: str = meta["general.architecture"]
-        self._tensors = {}  # HF name -> GGUF tensor (read_gguf has checked that every name maps)
-        for t in reader.tensors:
+        self._tensors = {}  # HF name -> TensorInfo (read_gguf has checked that every name maps)
+        for t in header.tensors:
             tmpl, layer = template(t.name)
             self._tensors[arch["tensors"][tmpl].format(layer)] = t
-        self.quantization: tuple[str, ...] = tuple(sorted({t.tensor_type.name for t in reader.tensors}))
+        self.quantization: tuple[str, ...] = tuple(sorted({gguf.GGMLQuantizationType(t.type).name
+                                                           for t in header.tensors}))
+        self._reader = None  # GGUF name -> gguf's ReaderTensor, once get_tensor needs the data
         self.config: dict = _config(meta, arch, has_head="lm_head.weight" in self._tensors)
         self._permuted = {}  # q and k -> the head count llama.cpp permuted their rows by
         for i in range(self.config["num_hidden_layers"]):
             self._permuted[f"model.layers.{i}.self_attn.q_proj.weight"] = self.config["num_attention_heads"]
             self._permuted[f"model.layers.{i}.self_attn.k_proj.weight"] = self.config["num_key_value_heads"]
-        self.tokenizer_json: str = _tokenizer_json(meta, str(path))
+        self._meta = meta
+        _tokenizer_settings(meta, str(path))  # its errors now; the json itself when asked for
         self.chat_template: str | None = meta.get("tokenizer.chat_template")
         tokens = meta["tokenizer.ggml.tokens"]
         special = {name: tokens[meta[key]] if key in meta else None for name, key in SPECIAL_IDS.items()}
@@ -127,19 +136,25 @@ class GGUFModel:
         self.pad_token: str | None = special["pad_token"]
         self.unk_token: str | None = special["unk_token"]
 
+    @functools.cached_property
+    def tokenizer_json(self) -> str:
+        return _tokenizer_json(self._meta, str(self.path))
+
     def tensor_names(self) -> list[str]:
         """The HF names of the tensors in the file, in file order (no lm_head.weight when tied)."""
         return list(self._tensors)
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         """A tensor's HF (PyTorch) shape, without reading it: GGUF lists dimensions innermost first."""
-        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+        return tuple(reversed(self._tensors[name].dims))
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor `name` (an HF name), dequantized to a new float32 tensor."""
         import torch
 
-        t = self._tensors[name]
+        if self._reader is None:
+            self._reader = {t.name: t for t in _open_reader(self.path).tensors}
+        t = self._reader[self._tensors[name].name]
         w = dequantize(t.data, t.tensor_type)
         if not w.flags.writeable:  # F32 comes back as a view of the read-only memory map
             w = w.copy()
@@ -159,7 +174,8 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _metadata(reader) -> dict:
-    """Every metadata field as a Python value (str, int, float, bool or list), by key."""
+    """Every metadata field of a gguf.GGUFReader as a Python value (str, int, float, bool or list), by
+    key: what read_header gives, the slow way (the tests hold the two equal)."""
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
@@ -193,9 +209,9 @@ def _rope_scaling(meta: dict, prefix: str) -> dict | None:
     return out
 
 
-def _tokenizer_json(meta: dict, where: str) -> str:
-    """A tokenizer.json (byte-level BPE) that splits, merges and adds special tokens as llama.cpp does
-    with this file's tokenizer.ggml.* metadata."""
+def _tokenizer_settings(meta: dict, where: str) -> tuple[dict, dict]:
+    """(PRE_TOKENIZERS entry, {"bos"/"eos": id of the token put around every text}) of the file's
+    tokenizer, or the ModelError saying why rafale cannot build it."""
     model = meta["tokenizer.ggml.model"]
     if model != "gpt2":
         raise ModelError(f"{where}: its tokenizer is {model!r} (tokenizer.ggml.model); rafale builds "
@@ -209,10 +225,6 @@ def _tokenizer_json(meta: dict, where: str) -> str:
     if missing:
         raise ModelError(f"{where}: lacks tokenizer metadata {', '.join(missing)}; re-convert the model "
                         f"with llama.cpp's convert_hf_to_gguf.py")
-    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": kind == CONTROL}
-             for i, kind in enumerate(types) if kind in (CONTROL, USER_DEFINED)]
     # What llama.cpp puts around every encoded text: BOS and/or EOS, when the file (or the
     # pre-tokenizer's default) says so.
     around = {"bos": meta.get("tokenizer.ggml.add_bos_token", pre["add_bos"]),
@@ -224,6 +236,17 @@ def _tokenizer_json(meta: dict, where: str) -> str:
             raise ModelError(f"{where}: tokenizer.ggml.add_{side}_token is set but {key} is missing")
         if wanted:
             specials[side] = meta[key]
+    return pre, specials
+
+
+def _tokenizer_json(meta: dict, where: str) -> str:
+    """A tokenizer.json (byte-level BPE) that splits, merges and adds special tokens as llama.cpp does
+    with this file's tokenizer.ggml.* metadata."""
+    pre, specials = _tokenizer_settings(meta, where)
+    tokens = meta["tokenizer.ggml.tokens"]
+    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": kind == CONTROL}
+             for i, kind in enumerate(meta["tokenizer.ggml.token_type"]) if kind in (CONTROL, USER_DEFINED)]
 
     def sequence(seq: str, type_id: int) -> list[dict]:
         """One sequence of the post-processor's template, with the special tokens around it."""
@@ -252,6 +275,45 @@ def _tokenizer_json(meta: dict, where: str) -> str:
     return json.dumps(tokenizer, ensure_ascii=False)
 
 
+def _corrupt(path: Path, e: Exception) -> ModelError:
+    return ModelError(f"{path} is not a readable GGUF file, likely truncated or corrupt ({e}); re-download it")
+
+
+def _open_reader(path: Path):
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as e:  # what GGUFReader raises on a cut-off file
+        raise _corrupt(path, e) from None
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_header(path: str, size: int, mtime_ns: int) -> GGUFHeader:
+    """read_header, once per version of a file: config show and training read a GGUF's metadata for
+    the tokenizer and again for the model config."""
+    header = read_header(path)
+    names = set()
+    for t in header.tensors:  # what GGUFReader refuses in the tensor index, refused here already
+        if t.name in names:
+            raise HeaderError(f"tensor {t.name!r} appears twice")
+        names.add(t.name)
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.type)]
+        except ValueError:
+            raise HeaderError(f"tensor {t.name!r} has unknown type {t.type}") from None
+        end = header.data_offset + t.offset + math.prod(t.dims) * type_size // block
+        if end > header.file_size:
+            raise HeaderError(f"the file ends at byte {header.file_size}, inside the data of tensor "
+                              f"{t.name!r} (to byte {end})")
+    return header
+
+
+def _read_header(path: Path) -> GGUFHeader:
+    """The header of the GGUF file at `path` (gguf_header.read_header, memoized while the file is
+    unchanged) with its tensor index checked against the file's size."""
+    st = path.stat()
+    return _cached_header(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
 def read_gguf(path: str | Path) -> GGUFModel:
     """Reads the metadata and tensor index of a GGUF file (the tensors stay on disk until
     `get_tensor`), or raises a one-line ModelError naming the file and what is wrong with it."""
@@ -264,11 +326,10 @@ def read_gguf(path: str | Path) -> GGUFModel:
     if head != MAGIC:
         raise ModelError(f"{here} is not a GGUF file (it does not start with {MAGIC!r}); point it at a .gguf file")
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError) as e:  # what GGUFReader raises on a cut-off file
-        raise ModelError(f"{here} is not a readable GGUF file, likely truncated or corrupt ({e}); "
-                        f"re-download it") from None
-    meta = _metadata(reader)
+        header = _read_header(path)
+    except (HeaderError, OSError) as e:
+        raise _corrupt(path, e) from None
+    meta = header.metadata
     name = meta.get("general.architecture")
     if name not in ARCHITECTURES:
         supported = ", ".join(f"{a} ({s['hf_class']})" for a, s in ARCHITECTURES.items())
@@ -280,21 +341,21 @@ def read_gguf(path: str | Path) -> GGUFModel:
     if missing:
         raise ModelError(f"{here} lacks required metadata {', '.join(missing)}; re-convert the model with "
                         f"llama.cpp's convert_hf_to_gguf.py")
-    unknown = [t.name for t in reader.tensors if template(t.name)[0] not in arch["tensors"]]
+    unknown = [t.name for t in header.tensors if template(t.name)[0] not in arch["tensors"]]
     if unknown:
         # rope_freqs.weight is how llama.cpp stores Llama 3.1-style rope scaling: the frequency
         # factors themselves, from which HF's rope_scaling settings cannot be read back.
         raise ModelError(f"{here} has tensors with no {arch['hf_class']} counterpart: {', '.join(unknown[:8])}"
                         f"{' and more' if len(unknown) > 8 else ''}; convert from the HF checkpoint instead")
-    # One row of the first tensor of each type: gguf raises NotImplementedError for types it cannot
-    # dequantize, and this says so now rather than halfway through loading.
+    # One block of each tensor type (zeros; the data stays unread): gguf raises NotImplementedError for
+    # types it cannot dequantize, and this says so now rather than halfway through loading.
     first = {}
-    for t in reader.tensors:
-        first.setdefault(t.tensor_type, t)
+    for t in header.tensors:
+        first.setdefault(gguf.GGMLQuantizationType(t.type), t)
     for qtype, t in first.items():
         try:
-            dequantize(t.data[:1], qtype)
+            dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
         except NotImplementedError:
             raise ModelError(f"{here} stores tensors as {qtype.name} (e.g. {t.name}), which the gguf "
                             f"package cannot dequantize; use another quantization of the model") from None
-    return GGUFModel(path, reader, meta, arch)
+    return GGUFModel(path, header, arch)

@@ -64,8 +64,8 @@ class _Walker:
         try:
             out = struct.unpack_from(self.order + fmt, self.buf, self.off)
         except struct.error:
-            raise HeaderError(f"{what} at byte {self.off} runs past the end of the file "
-                              f"({self.size} bytes)") from None
+            raise HeaderError(f"the file ends at byte {self.size}, inside {what} "
+                              f"(from byte {self.off})") from None
         self.off += struct.calcsize(self.order + fmt)
         return out
 
@@ -73,8 +73,7 @@ class _Walker:
         (n,) = self.unpack("Q", what)
         end = self.off + n
         if end > self.size:
-            raise HeaderError(f"{what} at byte {self.off} ({n} bytes) runs past the end of the file "
-                              f"({self.size} bytes)")
+            raise HeaderError(f"the file ends at byte {self.size}, inside {what} (bytes {self.off}-{end})")
         try:
             text = str(self.buf[self.off:end], "utf-8")
         except UnicodeDecodeError:
@@ -116,8 +115,8 @@ class _Walker:
         if itype in SCALARS:  # one unpack for the whole array
             fmt = SCALARS[itype]
             if self.off + n * struct.calcsize(fmt) > self.size:
-                raise HeaderError(f"{what}: an array of {n} values at byte {self.off} runs past the end "
-                                  f"of the file ({self.size} bytes)")
+                raise HeaderError(f"the file ends at byte {self.size}, inside {what} ({n} values from "
+                                  f"byte {self.off})")
             return list(self.unpack(f"{n}{fmt}", what))
         if itype == STRING:
             return self.strings(n, what)

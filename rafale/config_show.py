@@ -32,6 +32,7 @@ RUNTIME_MB = 810
 ACTIVATION_FLOATS = (10, 2)
 OPTIMIZER_STATES = {"adamw": 2, "decoupled_adamw": 2, "lion": 1, "sgd": 1}
 HEAD_CHUNK_ROWS = 512  # rafale.models.losses: rows of logits the fused head computes at a time
+HEAD_PLAIN_MAX_VOCAB = 256  # rafale.models.losses: smaller heads hold their logits whole
 
 
 def parameter_counts(network, vocab_size: int | None) -> dict:
@@ -135,7 +136,9 @@ def memory_estimate(cfg: Config, ncfg, decoder: bool, counts: dict, vocab_size: 
         tokens = min(cfg.train.device_microbatch_size, cfg.train.global_batch_size) * cfg.data.max_seq_len
         d, d_ff = ncfg.d_model, ncfg.d_ff
         activations = tokens * ncfg.n_layers * (ACTIVATION_FLOATS[0] * d + ACTIVATION_FLOATS[1] * d_ff) * 4
-        if decoder and vocab_size:  # a decoder: the fused head's chunk of logits
+        if decoder and vocab_size and vocab_size <= HEAD_PLAIN_MAX_VOCAB:
+            head = 3 * tokens * vocab_size * 4  # a small head: logits, log-softmax and gradient, whole
+        elif decoder and vocab_size:  # a decoder: the fused head's chunk of logits
             head = min(HEAD_CHUNK_ROWS, tokens) * vocab_size * 4
         elif hasattr(cfg.data, "mlm_probability") and vocab_size:
             # masked LM: logits, their log-softmax and its gradient at the masked positions

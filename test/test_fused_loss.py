@@ -1,6 +1,7 @@
 """The head fused with the cross-entropy (models/losses.py) against the plain path, logits then
 F.cross_entropy: same loss, same gradients, for any chunking, ignored targets, a scaled backward
-(Composer scales the loss by the microbatch share) and autocast; and CausalLM, which trains through it."""
+(Composer scales the loss by the microbatch share) and autocast; small heads, which take the plain path;
+and CausalLM, which trains through it."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from rafale.data.causal_lm import CausalLM, TrainOutput, next_token_targets
 from rafale.task_model import TaskModel
 from rafale.models.decoder import Decoder, DecoderConfig
-from rafale.models.losses import linear_cross_entropy
+from rafale.models.losses import PLAIN_MAX_VOCAB, fused_linear_cross_entropy, linear_cross_entropy
 
 
 def inputs(N=300, C=48, V=1000, seed=0):
@@ -39,6 +40,22 @@ def test_loss_and_gradients_equal_the_plain_path(chunk_rows):
     assert torch.allclose(h_grad, ref_h, atol=1e-8, rtol=1e-5)
     assert torch.allclose(w_grad, ref_w, atol=1e-8, rtol=1e-5)
     assert torch.all(h_grad[:17] == 0)  # ignored positions get no gradient
+
+
+@pytest.mark.parametrize("V", [66, 128, PLAIN_MAX_VOCAB])
+def test_small_heads_take_the_plain_path_with_the_fused_numbers(V):
+    """Up to PLAIN_MAX_VOCAB rows linear_cross_entropy is the plain expression; the chunked path gives
+    the same loss and gradients there too, so the switch changes no result."""
+    h, w, targets = inputs(V=V)
+    ref_loss, ref_h, ref_w = plain(h, w, targets)
+    loss = linear_cross_entropy(h.view(3, 100, -1), w, targets.view(3, 100))
+    assert torch.equal(loss.detach(), ref_loss) and loss.grad_fn.name() == "NllLossBackward0"
+    h_grad, w_grad = torch.autograd.grad(loss, (h, w))
+    assert torch.equal(h_grad, ref_h) and torch.equal(w_grad, ref_w)
+    fused = fused_linear_cross_entropy(h, w, targets, chunk_rows=64)
+    f_h, f_w = torch.autograd.grad(fused, (h, w))
+    assert torch.allclose(fused, loss, atol=1e-6, rtol=0)
+    assert torch.allclose(f_h, h_grad, atol=1e-6, rtol=0) and torch.allclose(f_w, w_grad, atol=1e-6, rtol=0)
 
 
 def test_scaled_backward_batched_shapes_and_no_grad():

@@ -85,20 +85,20 @@ def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates the first 2 * cos.shape[-1] dims of each head of x (..., hs); cos/sin hold one column
-    per frequency and broadcast against x's leading dims.
+    """Rotates the first cos.shape[-1] dims of each head of x (..., hs); cos/sin broadcast against x's
+    leading dims, and `sin` carries rotate_half's sign: cat(-sin, sin) over the two halves.
 
     The NeoX / HF convention: dim i pairs with dim i + rd/2 (not adjacent dims as in the original
-    RoFormer), i.e. HF's x_rot * cos + rotate_half(x_rot) * sin with rotate_half = cat(-x2, x1) and
-    cos = cat(cos, cos). Written per half it is the same products and sums, so the same bits, with
-    one split and one cat: HF's form slices x_rot / x_pass and the halves out of x and concatenates
-    twice, and each slice's backward zero-fills a tensor of x's size (at 4 x 128 with rotary_pct 0.25,
-    ~9% of a training step on CPU)."""
-    half = cos.shape[-1]
-    if half == 0:
+    RoFormer), x_rot * cos + rotate_half(x_rot) * sin with rotate_half = cat(-x2, x1). With the sign in
+    the table the products are the same ((-x2) * s == x2 * (-s) exactly), so the same bits, in fewer
+    ops: on CPU every op on a rotary half of a small head reads runs of rd/2 floats, and a slice's
+    backward zero-fills a gradient of x's size (`split` and `cat` are used instead)."""
+    rd = cos.shape[-1]
+    if rd == 0:
         return x
-    x1, x2, x_pass = x.split((half, half, x.shape[-1] - 2 * half), dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass), dim=-1)
+    x_rot, x_pass = x.split((rd, x.shape[-1] - rd), dim=-1)
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    return torch.cat((x_rot * cos + torch.cat((x2, x1), dim=-1) * sin, x_pass), dim=-1)
 
 
 class Attention(nn.Module):
@@ -126,7 +126,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
                 plan: attention.Plan | None = None) -> torch.Tensor:
-        """x (B, T, C); cos/sin (T, 1, 1, rd/2), or (B, T, 1, 1, rd/2) for per-row positions. With `kv` (this layer's
+        """x (B, T, C); cos/sin (T, 1, 1, rd), or (B, T, 1, 1, rd) for per-row positions (apply_rotary). With `kv` (this layer's
         cache buffers) the new keys/values are written at [pos, pos + T) and attention runs over
         [0, pos + T). `plan` says which kernel attends and with what mask (models/attention.py); None is
         SDPA's plain causal attention."""
@@ -257,15 +257,15 @@ class Decoder(nn.Module):
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"{pos + T} positions exceed the model's max_seq_len ({self.cfg.max_seq_len})")
         dtype = self.embed_in.weight.dtype
-        # One column per frequency (the tables repeat them for HF's cat(cos, cos)), shaped to broadcast
-        # over the (B, T, nkv, n_rep + 1, hs) queries and keys that Attention rotates.
-        half = self.cfg.rotary_dim // 2
+        # Shaped to broadcast over the (B, T, nkv, n_rep + 1, hs) queries and keys that Attention rotates.
         if position_ids is None:
-            cos = self.rope_cos[pos:pos + T, None, None, :half].to(dtype)  # (T, 1, 1, rd/2)
-            sin = self.rope_sin[pos:pos + T, None, None, :half].to(dtype)
+            cos = self.rope_cos[pos:pos + T, None, None].to(dtype)  # (T, 1, 1, rd)
+            sin = self.rope_sin[pos:pos + T, None, None].to(dtype)
         else:
-            cos = self.rope_cos[position_ids][:, :, None, None, :half].to(dtype)  # (B, T, 1, 1, rd/2)
-            sin = self.rope_sin[position_ids][:, :, None, None, :half].to(dtype)
+            cos = self.rope_cos[position_ids][:, :, None, None].to(dtype)  # (B, T, 1, 1, rd)
+            sin = self.rope_sin[position_ids][:, :, None, None].to(dtype)
+        half = self.cfg.rotary_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # rotate_half's sign (apply_rotary)
         mask = attn_mask
         if mask is None and pos > 0 and T > 1:
             # A chunk after a cached prefix: query i sits at position pos + i and sees keys 0..pos+i.

@@ -10,11 +10,19 @@ its own process, the median step after the warm-up ones.
 Sides:
   rafale  `rafale.train.train(cfg)`: Composer's Trainer with rafale's callbacks, loggers, progress,
           metrics.jsonl and data loading (eval and checkpoints past the timed window)
-  bare    a plain loop around rafale's `Decoder` of that shape (fused head + loss, fused AdamW)
+  bare    a plain loop around rafale's `Decoder` of that shape (its loss head, models/losses.py, which
+          at 128 rows is logits + F.cross_entropy; fused AdamW)
   gpt2    the same loop around the textbook GPT-2 module below (nanoGPT's model.py design: learned
           positions, pre-LayerNorm, fused qkv, SDPA, GELU MLP, tied head; logits + F.cross_entropy)
 
+Run on their own (not in `run`), the bare loop around Decoder configs that differ from pythia-tiny
+the way GPT-2 does, to tell architecture from implementation:
+  bare-tied  tied head and sequential residual (GPT-2's), Pythia's partial rotary kept
+  bare-nope  the same without rotary (rotary_pct 0): GPT-2's shape, no position information at all
+and `--side alternate`, bare sides in one process taking turns step by step (see `alternate`).
+
     python bench/tiny_train.py --side gpt2 --home DIR --warmup 3 --steps 20
+    python bench/tiny_train.py --side alternate --sides gpt2,bare,bare-tied,bare-nope --home DIR --steps 60
 """
 
 import argparse
@@ -30,6 +38,8 @@ from train_throughput import CLIP, CONFIG, EPS, LR, BETAS, SEED, WD, StepClock, 
 
 BATCH, SEQ = 12, 64
 SIDES = ("rafale", "bare", "gpt2")
+VARIANTS = {"bare": {}, "bare-tied": {"tie_embeddings": True, "parallel_residual": False},
+            "bare-nope": {"tie_embeddings": True, "parallel_residual": False, "rotary_pct": 0.0}}
 CORPUS = common.REPO / "rafale/assets/tinyshakespeare/input.txt"
 
 
@@ -100,7 +110,8 @@ def gpt2(vocab_size: int, d: int = 128, n_layers: int = 4, n_heads: int = 4, blo
     return GPT()
 
 
-def bare_loop(side: str, train_npy: Path, vocab_size: int, warmup: int, steps: int) -> dict:
+def bare_step(side: str, vocab_size: int, total: int):
+    """The model and optimizer of one bare side, and a function taking one training step on a batch."""
     import dataclasses
 
     import torch
@@ -109,19 +120,18 @@ def bare_loop(side: str, train_npy: Path, vocab_size: int, warmup: int, steps: i
     from rafale.models import preset_config
     from rafale.models.decoder import Decoder
 
-    total = warmup + steps
     torch.manual_seed(SEED)
     if side == "gpt2":
         model = gpt2(vocab_size)
     else:
-        model = Decoder(dataclasses.replace(preset_config("pythia-tiny"), vocab_size=vocab_size))
+        model = Decoder(dataclasses.replace(preset_config("pythia-tiny"), vocab_size=vocab_size, **VARIANTS[side]))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": WD},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=LR, betas=BETAS, eps=EPS, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
-    clock = StepClock(total)
-    for step, x in zip(range(total), batches(train_npy, BATCH)):
+
+    def step(x):
         targets = F.pad(x[:, 1:], (0, 1), value=-100)
         if side == "gpt2":
             loss = F.cross_entropy(model(x).flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -133,13 +143,43 @@ def bare_loop(side: str, train_npy: Path, vocab_size: int, warmup: int, steps: i
         sched.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
+
+    return step
+
+
+def bare_loop(side: str, train_npy: Path, vocab_size: int, warmup: int, steps: int) -> dict:
+    total = warmup + steps
+    step = bare_step(side, vocab_size, total)
+    clock = StepClock(total)
+    for _, x in zip(range(total), batches(train_npy, BATCH)):
+        step(x)
         clock.tick()
     return clock.result(warmup, BATCH, side, SEQ)
 
 
+def alternate(sides: list[str], train_npy: Path, vocab_size: int, warmup: int, steps: int) -> dict:
+    """Bare sides in one process, taking turns step by step on the same batches: on a shared machine a
+    change in load then hits every side within milliseconds, where separate processes see it seconds
+    apart. Median process CPU time per step."""
+    import time
+
+    total = warmup + steps
+    stepper = {s: bare_step(s, vocab_size, total) for s in sides}
+    cpu = {s: [] for s in sides}
+    for i, x in zip(range(total), batches(train_npy, BATCH)):
+        for s, step in stepper.items():
+            t = time.process_time()
+            step(x)
+            if i >= warmup:
+                cpu[s].append(time.process_time() - t)
+    return {"side": "alternate", "cpu_step_s": {s: common.median(v) for s, v in cpu.items()}}
+
+
 def worker(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--side", choices=SIDES, required=True)
+    p.add_argument("--side", choices=SIDES + tuple(VARIANTS)[1:] + ("alternate",), required=True)
+    p.add_argument("--sides", default="gpt2,bare,bare-tied,bare-nope",
+                   help="with --side alternate: the bare sides that take turns in one process")
     p.add_argument("--home", required=True, help="a RAFALE_HOME prepared by this module (char.json, data/)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
@@ -159,7 +199,10 @@ def worker(argv: list[str]) -> None:
             from rafale.build import padded_vocab
 
             vocab = padded_vocab(len(set(CORPUS.read_text())) + 1)  # the size rafale gives the same tokenizer
-            result = bare_loop(a.side, train_npy, vocab, a.warmup, a.steps)
+            if a.side == "alternate":
+                result = alternate(a.sides.split(","), train_npy, vocab, a.warmup, a.steps)
+            else:
+                result = bare_loop(a.side, train_npy, vocab, a.warmup, a.steps)
     common.emit(result)
 
 

@@ -154,3 +154,17 @@ class LoraConfig:
             raise ModelError(f"model.lora.targets: {', '.join(map(repr, unknown)) or 'none given'}; name "
                             f"layers of rafale's blocks: {', '.join(TARGETS)} (q, k and v are one fused qkv), "
                             f"or groups: {', '.join(GROUPS)}")
+
+    def targeted(self, layer_names) -> list[str]:
+        """Which of a network's block Linear layers (dotted names, e.g. blocks.0.attn.qkv) the targets
+        select, for apply_lora (models/lora.py) and the torch-free counts (models/shapes.py) alike; a
+        ModelError when a target matches no layer of this network."""
+        wanted = {name: GROUPS.get(name, (name,)) for name in self.targets}
+        available = {name.rpartition(".")[2] for name in layer_names}
+        missing = [name for name, group in wanted.items() if not available.intersection(group)]
+        if missing:
+            valid = [t for t in TARGETS if t in available] + list(GROUPS)
+            raise ModelError(f"model.lora.targets: {', '.join(missing)} matches no layer of this model; "
+                             f"valid targets for it: {', '.join(valid)}")
+        leaves = {leaf for group in wanted.values() for leaf in group}
+        return [name for name in layer_names if name.rpartition(".")[2] in leaves]

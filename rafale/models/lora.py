@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rafale.models.configs import GROUPS, TARGETS, LoraConfig  # noqa: F401 (re-exported: LoraConfig)
+from rafale.models.configs import LoraConfig  # noqa: F401 (re-exported)
 from rafale.models.decoder import Decoder
-from rafale.models.family import ModelError
 
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 
@@ -82,19 +81,11 @@ def apply_lora(decoder: Decoder, cfg: LoraConfig) -> tuple[int, int]:
     """Wraps the targeted Linear layers of every block in place and freezes all other parameters.
     Returns (trainable, total) parameter counts. Load base weights before: the adapter's names are
     not in HF checkpoints."""
-    wanted = {name: GROUPS.get(name, (name,)) for name in cfg.targets}
-    leaves = {leaf for group in wanted.values() for leaf in group}
     linears = {name: m for name, m in decoder.blocks.named_modules(prefix="blocks") if type(m) is nn.Linear}
-    available = {name.rpartition(".")[2] for name in linears}
-    missing = [name for name, group in wanted.items() if not available.intersection(group)]
-    if missing:
-        valid = [t for t in TARGETS if t in available] + list(GROUPS)
-        raise ModelError(f"model.lora.targets: {', '.join(missing)} matches no layer of this model; "
-                        f"valid targets for it: {', '.join(valid)}")
+    targeted = cfg.targeted(list(linears))
     decoder.requires_grad_(False)
-    for name, m in linears.items():
-        if name.rpartition(".")[2] in leaves:
-            _replace(decoder, name, LoraLinear(m, cfg.rank, cfg.alpha, cfg.dropout))
+    for name in targeted:
+        _replace(decoder, name, LoraLinear(linears[name], cfg.rank, cfg.alpha, cfg.dropout))
     params = list(decoder.parameters())  # tied weights once, as parameters() deduplicates
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 

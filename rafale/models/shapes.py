@@ -6,7 +6,7 @@ models/lora.py; test/test_config_show.py holds them to the built networks for ev
 
 from __future__ import annotations
 
-from rafale.models.configs import GROUPS, TARGETS, DecoderConfig, EncoderConfig, LoraConfig
+from rafale.models.configs import DecoderConfig, EncoderConfig, LoraConfig
 from rafale.models.family import ModelError
 
 Shapes = dict[str, tuple[int, ...]]
@@ -67,19 +67,11 @@ def encoder_shapes(cfg: EncoderConfig, task: str, num_labels: int | None = None)
 def lora_shapes(shapes: Shapes, lora: LoraConfig) -> Shapes:
     """The adapters apply_lora adds: lora_A (rank, in) and lora_B (out, rank) beside each targeted
     block Linear; a ModelError when a target matches no layer, as apply_lora raises."""
-    wanted = {name: GROUPS.get(name, (name,)) for name in lora.targets}
     linears = {n[:-len(".weight")]: s for n, s in shapes.items() if n.startswith("blocks.") and len(s) == 2}
-    available = {name.rpartition(".")[2] for name in linears}
-    missing = [name for name, group in wanted.items() if not available.intersection(group)]
-    if missing:
-        valid = [t for t in TARGETS if t in available] + list(GROUPS)
-        raise ModelError(f"model.lora.targets: {', '.join(missing)} matches no layer of this model; "
-                         f"valid targets for it: {', '.join(valid)}")
-    leaves = {leaf for group in wanted.values() for leaf in group}
     out = {}
-    for name, (n_out, n_in) in linears.items():
-        if name.rpartition(".")[2] in leaves:
-            out.update({f"{name}.lora_A": (lora.rank, n_in), f"{name}.lora_B": (n_out, lora.rank)})
+    for name in lora.targeted(list(linears)):
+        n_out, n_in = linears[name]
+        out.update({f"{name}.lora_A": (lora.rank, n_in), f"{name}.lora_B": (n_out, lora.rank)})
     return out
 
 

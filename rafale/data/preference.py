@@ -28,7 +28,7 @@ import numpy as np
 
 from rafale.data import cache, chat, tokenize
 from rafale.data.pipeline import DataSection, Pipeline
-from rafale.data.sft import Sequences, end_of_turn, jsonl_rows
+from rafale.data.sft import Sequences, end_of_turn, end_of_turn_meta, jsonl_rows
 from rafale.errors import UserError
 from rafale.schema import results
 
@@ -194,13 +194,7 @@ class Preference(Pipeline):
                 f"{s['val_pairs']:,} val pairs")
 
     def model_meta(self) -> dict:
-        from rafale.paths import resolve_tokenizer
-
-        tok_path = resolve_tokenizer(self.data.tokenizer)
-        tok = tokenize.load_tokenizer(Path(tok_path).read_text())
-        eos, eos_id = end_of_turn(tok, tok_path)
-        return {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
-                "tokenizer": {"path": str(tok_path), "eos_token": eos, "eos_id": eos_id}}
+        return end_of_turn_meta(self.data.tokenizer)
 
     def dataset(self, rows):
         return rows

@@ -130,6 +130,18 @@ def end_of_turn(tok, tokenizer_path: Path) -> tuple[str, int]:
     return tokenize.resolve_eos(tok, None, tokenizer_path, "data")
 
 
+def end_of_turn_meta(tokenizer: str) -> dict:
+    """model_meta of a pipeline of conversations (chat, preference): the tokenizer's size and the token
+    that ends an answer, read from the tokenizer alone."""
+    from rafale.paths import resolve_tokenizer
+
+    tok_path = resolve_tokenizer(tokenizer)
+    tok = tokenize.load_tokenizer(Path(tok_path).read_text())
+    eos, eos_id = end_of_turn(tok, tok_path)
+    return {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
+            "tokenizer": {"path": str(tok_path), "eos_token": eos, "eos_id": eos_id}}
+
+
 class ChatSFT(CausalLM):
     name = "chat"
     Section = ChatData
@@ -201,13 +213,7 @@ class ChatSFT(CausalLM):
                 f"val conversations")
 
     def model_meta(self) -> dict:
-        from rafale.paths import resolve_tokenizer
-
-        tok_path = resolve_tokenizer(self.data.tokenizer)
-        tok = tokenize.load_tokenizer(Path(tok_path).read_text())
-        eos, eos_id = end_of_turn(tok, tok_path)
-        return {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
-                "tokenizer": {"path": str(tok_path), "eos_token": eos, "eos_id": eos_id}}
+        return end_of_turn_meta(self.data.tokenizer)
 
     def check_network(self, network) -> None:
         pass  # conversations are one a row: no packed documents to check for

@@ -162,9 +162,9 @@ def network_config(task: str, preset_name: str | None = None, init_from: str | N
     path = resolve_model_file(init_from, where) if init_from is not None else None
     gguf = None
     if path is not None and path.suffix == ".gguf":
-        from rafale.models.gguf import read_gguf
-
         try:
+            from rafale.models.gguf import read_gguf
+
             gguf = read_gguf(path)
         except ModelError as e:
             raise UserError(f"{where}: {e}") from None

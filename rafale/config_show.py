@@ -12,7 +12,8 @@ measured on the network built on torch's meta device instead. The memory estimat
     runtime      the process once torch, Composer and the data libraries are imported (RUNTIME_MB,
                  measured: ru_maxrss after `import rafale.train` on CPU, torch 2.7 and Composer 0.32)
     state        fp32 weights + gradients + optimizer state (AdamW 2, Lion and SGD 1 per parameter)
-    activations  what backward keeps per micro-batch token and layer (ACTIVATION_FLOATS)
+    activations  what backward keeps per micro-batch token and layer (ACTIVATION_FLOATS), and LoRA's
+                 dropped inputs (LORA_DROPOUT_FLOATS)
     head         decoders: the fused head + loss's chunk of logits (models/losses.py); masked LM: the
                  logits, log-softmax and gradient at the masked positions
 
@@ -28,8 +29,13 @@ MB = 2 ** 20
 RUNTIME_MB = 810
 # Floats saved for backward per token and layer, in units of d_model and d_ff: the block input, the
 # two norms' inputs and outputs, q, k, v, the attention output and its projection, the residual sum
-# (about 10 d), and the MLP's hidden activations before and after the nonlinearity (2 d_ff).
-ACTIVATION_FLOATS = (10, 2)
+# (about 10 d), and the MLP's hidden activations: before and after the nonlinearity (2 d_ff), and
+# for a gated MLP (swiglu) the gate, its silu, the up projection and their product (4 d_ff).
+ACTIVATION_FLOATS = {"gelu": (10, 2), "swiglu": (10, 4)}
+# A LoRA adapter with dropout keeps, per token, its dropped input (fp32) and the dropout's mask (one
+# byte a float): 1.25 floats per input feature of each targeted layer. Without dropout it keeps nothing
+# beyond the rank-sized intermediate, which the base layer's saved input dwarfs.
+LORA_DROPOUT_FLOATS = 1.25
 OPTIMIZER_STATES = {"adamw": 2, "decoupled_adamw": 2, "lion": 1, "sgd": 1}
 HEAD_CHUNK_ROWS = 512  # rafale.models.losses: rows of logits the fused head computes at a time
 HEAD_PLAIN_MAX_VOCAB = 256  # rafale.models.losses: smaller heads hold their logits whole
@@ -72,7 +78,9 @@ def describe(cfg: Config) -> dict:
     return {"hash": cfg.hash(), "config": cfg.to_dict(), "parameters": counts,
             "flops_per_token": pipeline.sequence_flops(ncfg, counts, seq) / seq,
             "tokens_per_step": cfg.train.global_batch_size * seq,
-            "memory": memory_estimate(cfg, ncfg, pipeline.task == "causal_lm", counts, ncfg.vocab_size)}
+            "memory": memory_estimate(cfg, ncfg, pipeline.task == "causal_lm", counts, ncfg.vocab_size,
+                                      lora_inputs=sum(shape[1] for name, shape in params.items()
+                                                      if name.endswith(".lora_A")))}
 
 
 def _counts_own_flops(pipeline: type) -> bool:
@@ -126,16 +134,21 @@ def _full_sequence(cfg: Config) -> dict:
     return {"input_ids": torch.zeros(1, seq, dtype=torch.long), "labels": labels}
 
 
-def memory_estimate(cfg: Config, ncfg, decoder: bool, counts: dict, vocab_size: int | None) -> dict:
+def memory_estimate(cfg: Config, ncfg, decoder: bool, counts: dict, vocab_size: int | None,
+                    lora_inputs: int = 0) -> dict:
     """Peak RSS of training on CPU in fp32, in MB, and its parts, for a network of config `ncfg` (None:
-    not rafale's, no activations counted); `decoder`: it has the fused head of a causal LM."""
+    not rafale's, no activations counted); `decoder`: it has the fused head of a causal LM;
+    `lora_inputs`: the input features of every layer LoRA targets, summed over the network."""
     optim = getattr(cfg.optim, "name", "adamw")
     state = counts["total"] * 4 + counts["trainable"] * 4 * (1 + OPTIMIZER_STATES.get(optim, 2))
     activations = head = 0
     if ncfg is not None:
         tokens = min(cfg.train.device_microbatch_size, cfg.train.global_batch_size) * cfg.data.max_seq_len
         d, d_ff = ncfg.d_model, ncfg.d_ff
-        activations = tokens * ncfg.n_layers * (ACTIVATION_FLOATS[0] * d + ACTIVATION_FLOATS[1] * d_ff) * 4
+        per_d, per_ff = ACTIVATION_FLOATS.get(getattr(ncfg, "mlp", "gelu"), ACTIVATION_FLOATS["gelu"])
+        activations = tokens * ncfg.n_layers * (per_d * d + per_ff * d_ff) * 4
+        if lora_inputs and cfg.model.lora.dropout > 0:
+            activations += tokens * lora_inputs * LORA_DROPOUT_FLOATS * 4
         if decoder and vocab_size and vocab_size <= HEAD_PLAIN_MAX_VOCAB:
             head = 3 * tokens * vocab_size * 4  # a small head: logits, log-softmax and gradient, whole
         elif decoder and vocab_size:  # a decoder: the fused head's chunk of logits

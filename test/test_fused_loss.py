@@ -70,6 +70,19 @@ def test_scaled_backward_batched_shapes_and_no_grad():
         assert torch.allclose(linear_cross_entropy(h, w, targets, chunk_rows=64), ref_loss, atol=1e-6, rtol=0)
 
 
+def test_a_frozen_head_gets_no_weight_gradient_and_the_same_loss_and_hidden_gradient():
+    """LoRA on a tied embedding freezes the head: the fused path then skips the (V, C) weight gradient
+    (its buffer and matmul) and gives bit for bit the loss and hidden-state gradient of a trainable head."""
+    h, w, targets = inputs()
+    loss = fused_linear_cross_entropy(h, w, targets, chunk_rows=64)
+    h_grad, _ = torch.autograd.grad(loss, (h, w))
+    frozen = w.detach()
+    frozen_loss = fused_linear_cross_entropy(h, frozen, targets, chunk_rows=64)
+    frozen_loss.backward()
+    assert torch.equal(frozen_loss, loss) and torch.equal(h.grad, h_grad)
+    assert frozen.grad is None
+
+
 def test_every_target_ignored_gives_nan_like_cross_entropy():
     h, w, targets = inputs()
     targets[:] = -100

@@ -92,38 +92,38 @@ def test_a_mixture_writes_one_mds_directory_per_source(prepared, tmp_path):
         assert np.array_equal(_mds_rows(tmp_path / f"mds/train/{i}-{name}"), cached)
 
 
-def test_two_processes_see_every_block_exactly_once_an_epoch(prepared, tmp_path):
+def test_two_processes_see_every_block_once_an_epoch_and_resume_mid_epoch_bit_for_bit(prepared, tmp_path):
+    """Two DDP processes over the MDS shards, a local directory as the remote: an uninterrupted epoch
+    gives each rank half of the blocks, every block once; a run killed with SIGKILL after step 3
+    resumes from step 2's checkpoint, mid-epoch, with the same losses bit for bit and each rank
+    re-reading exactly the rows after the checkpoint."""
     blocks = np.load(prepared["entry"] / "train.npy")
     n = len(blocks)
     gbs = next(g for g in (8, 6, 4, 2) if n % g == 0)  # an epoch of whole batches: nothing dropped or padded
-    record = tmp_path / "record"
-    record.mkdir()
-    result = run_cli("train", "-c", str(prepared["config"]), f"data.streaming.remote={prepared['mds']}",
-                     "train.parallelism.strategy=ddp", "train.max_duration=1ep", f"train.global_batch_size={gbs}",
-                     f"train.device_microbatch_size={gbs // 2}", "--nproc", "2",
-                     home=tmp_path / "home", env={"RECORD_DIR": str(record)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    seen = _recorded(record)
-    assert sorted(seen) == ["rank0", "rank1"] and len(seen["rank0"]) == len(seen["rank1"]) == n // 2
-    assert sorted(seen["rank0"] + seen["rank1"]) == sorted(map(tuple, blocks.tolist()))
-    assert seen["rank0"] + seen["rank1"] != list(map(tuple, blocks.tolist()))  # shuffled
-
-
-def test_a_killed_streaming_run_resumes_mid_epoch_bit_for_bit(prepared, tmp_path):
+    assert n // gbs >= 4  # the kill after step 3 lands mid-epoch, after step 2's checkpoint
     args = ("train", "-c", str(prepared["config"]), f"data.streaming.remote={prepared['mds']}",
-            f"data.streaming.local={tmp_path / 'local'}")
+            "train.parallelism.strategy=ddp", "train.max_duration=1ep", f"train.global_batch_size={gbs}",
+            f"train.device_microbatch_size={gbs // 2}")
     (tmp_path / "ref").mkdir()
-    reference = run_cli(*args, home=tmp_path / "ref-home", env={"RECORD_DIR": str(tmp_path / "ref")})
+    reference = run_cli(*args, f"data.streaming.local={tmp_path / 'ref-local'}", "--nproc", "2", home=tmp_path / "ref-home",
+                        env={"RECORD_DIR": str(tmp_path / "ref")})
     assert reference.returncode == 0, reference.stderr[-3000:]
+    ref = _recorded(tmp_path / "ref")
+    assert sorted(ref) == ["rank0", "rank1"] and len(ref["rank0"]) == len(ref["rank1"]) == n // 2
+    assert sorted(ref["rank0"] + ref["rank1"]) == sorted(map(tuple, blocks.tolist()))
+    assert ref["rank0"] + ref["rank1"] != list(map(tuple, blocks.tolist()))  # shuffled
+
     (tmp_path / "cut").mkdir()
-    killed = run_cli(*args, home=tmp_path / "home", env={"RECORD_DIR": str(tmp_path / "cut"), "KILL_AT": "3"})
-    assert killed.returncode == -9  # after step 3; the last checkpoint is step 2's, mid-epoch (16 of the epoch's blocks)
-    resumed = run_cli(*args, home=tmp_path / "home", env={"RECORD_DIR": str(tmp_path / "cut")})
+    run = (*args, f"data.streaming.local={tmp_path / 'local'}", "--nproc", "2")
+    killed = run_cli(*run, home=tmp_path / "home", env={"RECORD_DIR": str(tmp_path / "cut"), "KILL_AT": "3"})
+    assert killed.returncode != 0
+    resumed = run_cli(*run, home=tmp_path / "home", env={"RECORD_DIR": str(tmp_path / "cut")})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming interrupted run" in resumed.stdout
     assert _losses(tmp_path / "home") == _losses(tmp_path / "ref-home")  # same process count: bit for bit
-    ref_rows, cut_rows = _recorded(tmp_path / "ref")["rank0"], _recorded(tmp_path / "cut")["rank0"]
-    assert cut_rows == ref_rows[:24] + ref_rows[16:]  # steps 1-3, then 3-6 again from the step-2 checkpoint
+    rows = gbs // 2  # per rank and step
+    for rank, cut in _recorded(tmp_path / "cut").items():  # steps 1-3, then 3 to the end again from step 2
+        assert cut == ref[rank][:3 * rows] + ref[rank][2 * rows:], rank
 
 
 def test_a_missing_remote_exits_2_naming_the_key(prepared, tmp_path):

@@ -16,7 +16,7 @@ from rafale.data.causal_lm import CausalLM, PackedBlocks, prepare_causal_lm
 from rafale.data.loaders import PackedBlockDataset
 from rafale.data.pipeline import IGNORE_INDEX
 from rafale.errors import UserError
-from rafale.models.attention import FLASH_INSTALL, cu_seqlens
+from rafale.models.attention import FLASH_INSTALL, Plan, attend, cu_seqlens, document_mask, plan
 from rafale.models.decoder import Decoder, DecoderConfig
 from rafale.paths import ASSETS_DIR
 from rafale.task_model import TaskModel
@@ -147,6 +147,23 @@ def test_flex_and_flash_give_sdpa_numbers_with_and_without_documents(style):
     # Rows flattened into one sequence, each document one entry: 7, 8, 5 | 3, 17 tokens.
     assert flash_kernels.calls == [("varlen", [0, 7, 15, 20, 23, 40])] * 2 + [("func", None)] * 2
     assert cu_seqlens(DOCS)[0].tolist() == [0, 7, 15, 20, 23, 40]
+
+
+def test_sdpa_per_document_calls_equal_the_document_mask():
+    """On a CPU, sdpa attends one document at a time; elsewhere it takes the (B, 1, T, T) document mask.
+    Same outputs (1e-6) and gradients (1e-5, of magnitudes up to ~10), and a row of one document is the plain causal call, bit for bit."""
+    cpu = plan("sdpa", DOCS, DOCS.shape[1], torch.device("cpu"))
+    assert cpu.sdpa_mask is None and cpu.sdpa_documents == [[7, 8, 5], [3, 17]]
+    masked = Plan("sdpa", sdpa_mask=document_mask(DOCS))
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 20, 8, generator=g, requires_grad=True) for _ in range(3))
+    outs = [attend(p, q, k, v) for p in (cpu, masked)]
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in outs]
+    assert (outs[0] - outs[1]).abs().max() < 1e-6
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(*grads))
+    one = torch.zeros(1, 20, dtype=torch.long)
+    assert torch.equal(attend(plan("sdpa", one, 20, torch.device("cpu")), q[:1], k[:1], v[:1]),
+                       attend(Plan("sdpa"), q[:1], k[:1], v[:1]))
 
 
 def test_flash_without_a_gpu_exits_2_with_the_install_line(tmp_path):

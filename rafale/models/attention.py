@@ -5,8 +5,10 @@ document index within its row (0, 0, 0, 1, 1, 2, ...: non-decreasing); from it c
 positions, restarting at 0 in every document, and attention that stays inside a document (causal and
 block-diagonal), in the form each kernel takes:
 
-    sdpa   torch's scaled_dot_product_attention with a (B, 1, T, T) boolean mask; without documents
-           its is_causal fast path
+    sdpa   torch's scaled_dot_product_attention: on a CPU, one is_causal call per document (the
+           rows split at their boundaries: the varlen idea, so no work on the mask's empty blocks);
+           elsewhere a (B, 1, T, T) boolean mask (per-document calls would wait on the GPU for the
+           lengths); without documents its is_causal fast path
     flex   torch's flex_attention with a BlockMask (document_id[q] == document_id[k] and q >= k), which
            skips the blocks the mask empties; compiled on a GPU, eager (correct but slow) on a CPU
     flash  flash-attn's flash_attn_varlen_func over the batch flattened to one sequence, each document
@@ -49,6 +51,17 @@ def document_mask(documents: torch.Tensor) -> torch.Tensor:
     T = documents.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
     return (documents[:, :, None] == documents[:, None, :]).unsqueeze(1) & causal
+
+
+def document_lengths(documents: torch.Tensor) -> list[list[int]]:
+    """Per row, the lengths of its documents in order (they sum to T)."""
+    starts = document_starts(documents)
+    T = documents.shape[1]
+    rows = []
+    for row in starts.tolist():
+        begin = [t for t, first in enumerate(row) if first] + [T]
+        rows.append([b - a for a, b in zip(begin, begin[1:])])
+    return rows
 
 
 def cu_seqlens(documents: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -95,6 +108,7 @@ class Plan:
     """How every layer of one forward attends: built once per forward (masks are shared by the layers)."""
     backend: str
     sdpa_mask: torch.Tensor | None = None  # (B, 1, T, Tk) bool; None: causal
+    sdpa_documents: list[list[int]] | None = None  # per row, its documents' lengths: one causal call each
     block_mask: object = None  # flex
     cu_seqlens: torch.Tensor | None = None  # flash with documents
     max_seqlen: int = 0
@@ -110,6 +124,8 @@ def plan(backend: str, documents: torch.Tensor | None, T: int, device: torch.dev
          sdpa_mask: torch.Tensor | None = None, flash=None) -> Plan:
     """The attention of a forward over T tokens per row, inside `documents` when given (else causal)."""
     if backend == "sdpa":
+        if documents is not None and device.type == "cpu":
+            return Plan("sdpa", sdpa_documents=document_lengths(documents))
         return Plan("sdpa", sdpa_mask=document_mask(documents) if documents is not None else sdpa_mask)
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
@@ -131,10 +147,24 @@ def plan(backend: str, documents: torch.Tensor | None, T: int, device: torch.dev
     raise ModelError(f"attention must be one of {', '.join(BACKENDS)}, got {backend!r}", "attention")
 
 
+def _attend_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[list[int]]) -> torch.Tensor:
+    """Block-diagonal causal attention as one is_causal SDPA call per document: (B, nh, T, hs). Rows
+    and documents are taken with unbind / split and put back with cat / stack, whose backwards are
+    views and one copy (a slice's backward would zero-fill a gradient of q's size per document)."""
+    rows = []
+    for qb, kb, vb, docs in zip(q.unbind(0), k.unbind(0), v.unbind(0), lengths):
+        parts = [F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True)[0]
+                 for qd, kd, vd in zip(qb.split(docs, 1), kb.split(docs, 1), vb.split(docs, 1))]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return torch.stack(rows)
+
+
 def attend(p: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q (B, nh, T, hs), k / v (B, nkv, Tk, hs) -> (B, T, nh * hs)."""
     B, nh, T, hs = q.shape
-    if p.backend == "sdpa":
+    if p.backend == "sdpa" and p.sdpa_documents is not None:
+        y = _attend_per_document(q, k, v, p.sdpa_documents)
+    elif p.backend == "sdpa":
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=p.sdpa_mask, is_causal=p.sdpa_mask is None and T > 1)
     elif p.backend == "flex":
         y = _flex(q.device)(q, k, v, block_mask=p.block_mask, enable_gqa=k.shape[1] != nh)

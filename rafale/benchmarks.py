@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -185,6 +186,23 @@ class _DropMetadataHint(logging.Filter):
         return "Custom kwargs can be passed" not in record.getMessage()
 
 
+@contextlib.contextmanager
+def _bootstrap_in_process():
+    # lm-eval resamples standard errors (perplexities) in a multiprocessing.Pool forked from this process,
+    # and fork is unsafe once torch has started its threads: a worker can wait forever on the pool's
+    # queue lock, and `rafale eval` with it. Its DISABLE_MULTIPROC switch runs the same resamples, with the
+    # same seeds and so the same numbers, in a loop here; 1,000 of them take well under a second.
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
+
+
 def run_tasks(model: Decoder, tokenizer: Tokenizer, tasks: list[str], limit: int | None = None,
               batch_size: int = 8, *, eos_token_id: int) -> dict:
     """Runs lm-eval's `simple_evaluate` on `tasks` (bundled names or task YAML paths) and returns
@@ -203,7 +221,7 @@ def run_tasks(model: Decoder, tokenizer: Tokenizer, tasks: list[str], limit: int
     task_logger.addFilter(hint_filter)
     # lm-eval prints progress ("bootstrapping for stddev: ...") to stdout, where --json's output goes.
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _bootstrap_in_process():
             out = simple_evaluate(model=lm, tasks=specs, limit=limit, task_manager=manager, log_samples=False,
                                   bootstrap_iters=BOOTSTRAP_ITERS)
     finally:

@@ -131,24 +131,31 @@ BUNDLED = {
 LIMIT = 2
 
 
-def test_bundled_tasks_run_offline_and_match_hflm(neox_dir):
+def test_bundled_tasks_run_offline_and_match_hflm(neox_dir, monkeypatch):
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     assert manager.all_tasks == sorted(BUNDLED)
-    # As `rafale eval` would run them: a fresh process, no network access allowed.
-    script = (f"import json; from rafale.inference import load_hf; from rafale.benchmarks import run_tasks; "
+    # As `rafale eval` would run them: a fresh process, no network access allowed. It counts its forks:
+    # lm-eval bootstraps perplexity_stderr in a forked pool unless told not to, and a fork from a process
+    # running torch's threads can hang.
+    script = (f"import json, os; forks = []; os.register_at_fork(before=lambda: forks.append(1)); "
+              f"from rafale.inference import load_hf; from rafale.benchmarks import run_tasks; "
               f"model, tok = load_hf({str(neox_dir)!r}); "
-              f"print(json.dumps(run_tasks(model, tok, {sorted(BUNDLED)!r}, limit={LIMIT}, batch_size=4, "
-              f"eos_token_id={EOS})))")
+              f"results = run_tasks(model, tok, {sorted(BUNDLED)!r}, limit={LIMIT}, batch_size=4, "
+              f"eos_token_id={EOS}); print(json.dumps(dict(results=results, forks=len(forks))))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_HOME": str(neox_dir / "hf_home")}
     proc = subprocess.run([sys.executable, "-c", script], cwd=neox_dir, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ours = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["forks"] == 0
+    ours = out["results"]
     assert {task: set(r["metrics"]) for task, r in ours.items()} == BUNDLED
     assert all(r["samples"] == LIMIT for r in ours.values())
 
-    # The same tasks through lm-eval's own HF backend on the exported weights.
+    # The same tasks through lm-eval's own HF backend on the exported weights, resampling in this process
+    # as rafale does (the same seeds as its pool's, so the same standard errors).
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")
     ref = simple_evaluate(model=HFLM(pretrained=str(neox_dir), device="cpu", batch_size=4), tasks=sorted(BUNDLED),
                           limit=LIMIT, task_manager=manager, log_samples=False,
                           bootstrap_iters=BOOTSTRAP_ITERS)["results"]
@@ -240,7 +247,7 @@ def trained_run(tmp_path_factory):
     return run_dir, home
 
 
-def test_cli_eval_tasks_equal_hflm_on_the_exported_run(trained_run, tmp_path):
+def test_cli_eval_tasks_equal_hflm_on_the_exported_run(trained_run, tmp_path, monkeypatch):
     """`rafale eval --run RUN --tasks` (a bundled name and a task YAML path, comma- and space-separated)
     against lm-eval's HF backend on `rafale export`'s directory of the same run."""
     run_dir, home = trained_run
@@ -260,6 +267,7 @@ def test_cli_eval_tasks_equal_hflm_on_the_exported_run(trained_run, tmp_path):
                                                                     "wikitext2_subset": 3}
     assert run_cli("export", "--run", str(run_dir), "--to-hf", str(tmp_path / "hf"), home=home).returncode == 0
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")  # in this process, as rafale resamples
     ref = simple_evaluate(model=HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=4),
                           tasks=["sst2", "tinystories_cloze", "wikitext2_subset"], limit=3, task_manager=manager,
                           log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)["results"]

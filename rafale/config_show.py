@@ -16,6 +16,7 @@ measured on the network built on torch's meta device instead. The memory estimat
                  dropped inputs (LORA_DROPOUT_FLOATS)
     head         decoders: the fused head + loss's chunk of logits (models/losses.py); masked LM: the
                  logits, log-softmax and gradient at the masked positions
+    retained     the freed activation blocks glibc's malloc keeps in its heap (RETAINED_ACTIVATIONS)
 
 bench/train_memory.py compares it with the measured peak RSS of every bundled config.
 """
@@ -36,6 +37,15 @@ ACTIVATION_FLOATS = {"gelu": (10, 2), "swiglu": (10, 4)}
 # byte a float): 1.25 floats per input feature of each targeted layer. Without dropout it keeps nothing
 # beyond the rank-sized intermediate, which the base layer's saved input dwarfs.
 LORA_DROPOUT_FLOATS = 1.25
+# Peak RSS also holds what the allocator keeps. glibc's malloc serves the 0.1-32 MB blocks of activations
+# from its heap and keeps them there once backward frees them, fragmented, so the next micro-batch's
+# activations fit in them only in part. bench/train_memory.py reads the heap after each backward
+# (mallinfo2): its free part is 1.8-3.5x the activations just freed on the bundled configs (4.7 GB for
+# 2.0 GB on smollm2-sft), that is 0.75-2.5 working sets kept beyond them; counting one puts the estimate
+# at 0.86-0.98 of the measured peak RSS. Logits' chunks, over 32 MB, are mapped and unmapped instead.
+# Handing the freed blocks back after each backward (malloc_trim) would save the memory (smollm2-sft:
+# 4,275 MB peak), but faulting the pages in again made its steps 1.3x slower (13.5-14 s against 10.5 s).
+RETAINED_ACTIVATIONS = 1.0
 OPTIMIZER_STATES = {"adamw": 2, "decoupled_adamw": 2, "lion": 1, "sgd": 1}
 HEAD_CHUNK_ROWS = 512  # rafale.models.losses: rows of logits the fused head computes at a time
 HEAD_PLAIN_MAX_VOCAB = 256  # rafale.models.losses: smaller heads hold their logits whole
@@ -157,7 +167,7 @@ def memory_estimate(cfg: Config, ncfg, decoder: bool, counts: dict, vocab_size: 
             # masked LM: logits, their log-softmax and its gradient at the masked positions
             head = 3 * round(cfg.data.mlm_probability * tokens) * vocab_size * 4
     parts = {"runtime_mb": RUNTIME_MB, "state_mb": state / MB, "activations_mb": activations / MB,
-             "head_mb": head / MB}
+             "head_mb": head / MB, "retained_mb": RETAINED_ACTIVATIONS * activations / MB}
     return {"peak_training_mb": sum(parts.values()), **parts}
 
 
@@ -173,5 +183,6 @@ def format_description(d: dict) -> str:
              f"tokens per step   {d['tokens_per_step']:,} (global_batch_size x max_seq_len)",
              f"peak memory       ~{m['peak_training_mb']:,.0f} MB training on CPU, fp32 (runtime "
              f"{m['runtime_mb']:,.0f} + weights, gradients, optimizer {m['state_mb']:,.0f} + activations "
-             f"{m['activations_mb']:,.0f} + head {m['head_mb']:,.0f})"]
+             f"{m['activations_mb']:,.0f} + head {m['head_mb']:,.0f} + kept by the allocator "
+             f"{m['retained_mb']:,.0f})"]
     return "\n".join(lines)

@@ -6,7 +6,8 @@
 
 Prints one table (workload, rafale's figure, the alternative's, ratio = rafale / alternative, the
 goal) under a line describing the machine, and writes every measurement to bench/results.json
-(--plot also draws media/bench.png from it). See bench/README.md for what each workload measures.
+(--only replaces the rows of the workloads it runs and keeps the others; --plot also draws
+media/bench.png from it). See bench/README.md for what each workload measures.
 """
 
 import argparse
@@ -50,6 +51,18 @@ def machine_line(m: dict) -> str:
             f"{m['load_after']} after")
 
 
+def save(rows: list[dict], m: dict, quick: bool, chosen: list[str]) -> None:
+    """bench/results.json: this run's rows, each with its workload group and date, after the rows an
+    earlier run wrote for the workloads this one did not run (--only), so a partial run drops none."""
+    date = time.strftime("%Y-%m-%d %H:%M")
+    kept = []
+    if RESULTS.exists():
+        # rows of a file older than the groups (none has one) cannot be told apart: they are dropped
+        kept = [r for r in json.loads(RESULTS.read_text()).get("rows", []) if r.get("group") not in (None, *chosen)]
+    rows = kept + [dict(r, date=date) for r in rows]
+    RESULTS.write_text(json.dumps({"machine": m, "quick": quick, "date": date, "rows": rows}, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions: a few minutes on 2 cores")
@@ -80,15 +93,14 @@ def main() -> None:
     for name in chosen:
         t0 = time.perf_counter()
         print(f"[{name}]", flush=True)
-        rows += modules[name].run(a.quick, log=lambda msg: print(msg, flush=True))
+        rows += [dict(r, group=name) for r in modules[name].run(a.quick, log=lambda msg: print(msg, flush=True))]
         print(f"  {time.perf_counter() - t0:.0f}s", flush=True)
     m["load_after"] = round(os.getloadavg()[0], 2)
     print()
     print(machine_line(m))
     print(table(rows))
     print(f"\n({time.perf_counter() - t_start:.0f}s in all; ratio = rafale / alternative)")
-    RESULTS.write_text(json.dumps({"machine": m, "quick": a.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
-                                   "rows": rows}, indent=1))
+    save(rows, m, a.quick, chosen)
     if a.plot:
         import plot
 

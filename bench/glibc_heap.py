@@ -1,7 +1,8 @@
 """A Composer callback for bench/train_memory.py: the size of glibc malloc's heap after each backward
 (`memory/heap_mb`, mallinfo2's `arena`: bytes taken from the system outside mmap) and the part of it
-that is free (`memory/heap_free_mb`, `fordblks`), logged to the run's metrics.jsonl. What the heap
-holds beyond the live tensors is what peak RSS counts and `config show`'s `retained_mb` estimates."""
+that is free (`memory/heap_free_mb`, `fordblks`), the largest over a step's micro-batches, logged to
+the run's metrics.jsonl at the step's end (which keeps one record a step). What the heap holds beyond
+the live tensors is what peak RSS counts and `config show`'s `retained_mb` estimates."""
 
 import ctypes
 import ctypes.util
@@ -21,6 +22,12 @@ class GlibcHeap(Callback):
         self.libc = ctypes.CDLL(ctypes.util.find_library("c"))
         self.libc.mallinfo2.restype = _MallInfo2  # glibc >= 2.33
 
+        self.heap = self.free = 0
+
     def after_backward(self, state: State, logger: Logger) -> None:
         info = self.libc.mallinfo2()
-        logger.log_metrics({"memory/heap_mb": info.arena / 2**20, "memory/heap_free_mb": info.fordblks / 2**20})
+        self.heap, self.free = max(self.heap, info.arena), max(self.free, info.fordblks)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        logger.log_metrics({"memory/heap_mb": self.heap / 2**20, "memory/heap_free_mb": self.free / 2**20})
+        self.heap = self.free = 0

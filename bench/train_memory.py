@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from rafale.runs import METRICS_FILE, read_metrics  # noqa: E402
 
 CONFIGS = sorted(p.stem for p in (common.REPO / "rafale" / "configs").glob("*.yaml"))
 
@@ -37,8 +38,7 @@ def measure(config: str, steps: int) -> dict:
         err = proc.stderr.read().decode()
         if proc.returncode != 0:
             raise SystemExit(f"{config}: exit {proc.returncode}: {err[-2000:]}")
-        heap = [json.loads(line) for line in next(Path(home, "runs").glob("*/metrics.jsonl")).read_text().splitlines()]
-        heap = [r for r in heap if "memory/heap_mb" in r]
+        heap = [r for r in read_metrics(next(Path(home, "runs").glob(f"*/{METRICS_FILE}"))) if "memory/heap_mb" in r]
         return {"config": config, "steps": steps, "peak_rss_mb": usage.ru_maxrss / 1024,
                 "wall_s": time.perf_counter() - t0, "heap_mb": max(r["memory/heap_mb"] for r in heap),
                 "heap_free_mb": max(r["memory/heap_free_mb"] for r in heap)}

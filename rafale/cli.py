@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8, metavar="N",
                    help="prompts decoded together (default 8); a prompt's random stream does not depend on it")
     g.add_argument("--stop", action="append", default=[], metavar="STRING",
-                   help="end a continuation where this text appears in it (the text is cut before it); repeatable")
+                   help="end a continuation where this text appears in it (the text is cut before it); repeatable. "
+                        "Backslash escapes are read as in Python: --stop '\\n' stops at a newline")
     g.add_argument("--json", action="store_true",
                    help='print {"prompt_ids", "output_ids", "text", "finish_reason"} (generated part only; '
                         'finish_reason is length, eos or stop), one JSON line per prompt')
@@ -326,12 +327,27 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def stop_strings(raw: list[str]) -> list[str]:
+    """--stop values with their backslash escapes read (a shell passes '\\n' as a backslash and an n, and
+    a newline is the stop string most often wanted). Python's own escapes, through the codec that reads
+    them; characters beyond latin-1 pass through it as escapes of their own."""
+    stops = []
+    for text in raw:
+        try:
+            text = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--stop {text!r}: {e.reason}; write a backslash as \\\\") from None
+        if not text:
+            raise UserError("--stop needs a non-empty string")
+        stops.append(text)
+    return stops
+
+
 def _cmd_generate(args) -> int:
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    if "" in args.stop:
-        raise UserError("--stop needs a non-empty string")
+    stop = stop_strings(args.stop)
     texts = [args.prompt] if args.prompts_file is None else _read_prompts(args.prompts_file)
     from rafale.sampling import SamplingConfig
 
@@ -356,7 +372,7 @@ def _cmd_generate(args) -> int:
         which = "--prompt" if args.prompts_file is None else f"prompt {prompt_ids.index([]) + 1} of --prompts-file"
         raise UserError(f"{which} is empty after tokenization; give some text")
     results = generate_all(model, prompt_ids, args.max_new_tokens, args.batch_size, eos_token_id=eos,
-                           sampling=sampling, stop=args.stop,
+                           sampling=sampling, stop=stop,
                            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False), **only)
     for text, ids, c in zip(texts, prompt_ids, results):
         if args.json:

@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from rafale import sampling
-from rafale.cli import main
+from rafale.cli import main, stop_strings
 from rafale.errors import UserError
 from rafale.generate import generate_all, generate_batch
 from rafale.inference import load_hf
@@ -275,7 +275,21 @@ def test_finish_reasons_in_one_batch(pair, tokenizer):
     assert short.finish_reason == "eos" and len(short.output_ids) == end
 
 
+def test_stop_strings_read_backslash_escapes(hf_dir, capsys):
+    """`--stop '\\n'` is a newline, as `$'\\n'` would be: Python's escapes are read, other text kept."""
+    assert stop_strings(["\\n", "END\\t", "a\\\\n", "\u00e9\\n", "\u2603", "\\u2603\\x41"]) == \
+        ["\n", "END\t", "a\\n", "\u00e9\n", "\u2603", "\u2603A"]
+    flags = ["generate", "--hf", str(hf_dir), "--prompt", PROMPTS[1], "--max-new-tokens", "24", "--json"]
+    assert main(flags) == 0
+    free = json.loads(capsys.readouterr().out)
+    cut = free["text"][4:6]  # two characters of the continuation, passed as \U escapes
+    assert main([*flags, "--stop", "".join(f"\\U{ord(c):08x}" for c in cut)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["finish_reason"] == "stop" and out["text"] == free["text"][:free["text"].index(cut)]
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--stop", "ends in \\"], "--stop 'ends in \\\\': \\ at end of string; write a backslash as \\\\"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--top-k", "-3", "--temperature", "1"], "--top-k must be >= 0"),

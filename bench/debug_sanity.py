@@ -16,7 +16,7 @@ import rafale.train
 from rafale.cli import _quiet_libraries
 from rafale.config import bundled_configs, load_config
 
-MARKS = (10, 20, 30, 40, 60, 80)
+MARKS = (2, 4, 6, 8, 10, 20, 30, 40, 60, 80)
 
 
 def main(overrides: list[str]) -> None:
